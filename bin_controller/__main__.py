@@ -1,0 +1,3 @@
+from bin_controller.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""`smartbin bench classify`: what the classifier costs beyond the bare interpreter."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bin_controller.backends import available_backends
+from bin_controller.classifier import Classifier
+from bin_controller.preprocess import prepare_array
+
+CAMERA_FRAME = (320, 240)  # what the camera is asked for: close to the model input
+
+
+def percentiles(samples_ms: list[float]) -> tuple[float, float]:
+    a = np.asarray(samples_ms)
+    return float(np.percentile(a, 50)), float(np.percentile(a, 95))
+
+
+def _time(fn, runs: int, warmup: int = 10) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def _bare_invoke(classifier: Classifier, pixels: np.ndarray):
+    """invoke() of every stage on inputs already in place: the floor of classify."""
+    x = classifier._to_input(pixels)
+    inputs = []
+    for i, stage in enumerate(classifier.stages):
+        if i:
+            x = classifier._between[i - 1](x)
+        inputs.append(x.reshape(stage.input_shape))
+        x = stage.run(x)
+    for stage, inp in zip(classifier.stages, inputs, strict=True):
+        stage.interpreter.set_tensor(stage.input_index, inp)
+    calls = [stage.interpreter.invoke for stage in classifier.stages]
+    flips = 2 if classifier.bundle.test_time_flip else 1
+
+    def run() -> None:
+        for _ in range(flips):
+            for call in calls:
+                call()
+
+    return run
+
+
+def _sample_frame(rng: np.random.Generator) -> np.ndarray:
+    from hardware_sim import items
+
+    kind = items.KINDS[0]
+    return np.asarray(Image.fromarray(items.render(kind, rng, 240)).resize(CAMERA_FRAME))
+
+
+def run(args: argparse.Namespace) -> int:
+    backends = args.backends.split(",") if args.backends else available_backends()
+    threads = [int(t) for t in args.thread_counts.split(",")]
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.image:
+            jpeg = Path(args.image)
+            frame = np.asarray(Image.open(jpeg).convert("RGB").resize(CAMERA_FRAME))
+        else:
+            frame = _sample_frame(rng)
+            jpeg = Path(tmp) / "item.jpg"
+            Image.fromarray(frame).resize((512, 384)).save(jpeg, quality=90)
+        with Image.open(jpeg) as im:
+            jpeg_size = f"{im.width}x{im.height}"
+        print(f"model {args.model}; frame {CAMERA_FRAME[0]}x{CAMERA_FRAME[1]} RGB array; "
+              f"JPEG {jpeg_size}; {args.runs} runs per row; times in ms (p50 / p95)")
+        print(f"{'backend':15} {'thr':>3}  {'bare invoke':>15}  {'classify array':>15}  "
+              f"{'ratio':>5}  {'classify JPEG':>15}  {'ratio':>5}")
+        for backend in backends:
+            for n in threads:
+                c = Classifier(args.model, backend=backend, num_threads=n,
+                               backbone=args.backbone)
+                bare = percentiles(_time(_bare_invoke(c, prepare_array(frame, c.input_spec)),
+                                         args.runs))
+                arr = percentiles(_time(lambda c=c: c.classify_array(frame), args.runs))
+                jp = percentiles(_time(lambda c=c: c.classify_file(jpeg), args.runs))
+                print(f"{c.backend:15} {n:>3}  {bare[0]:7.2f} / {bare[1]:5.2f}  "
+                      f"{arr[0]:7.2f} / {arr[1]:5.2f}  {arr[0] / bare[0]:5.2f}  "
+                      f"{jp[0]:7.2f} / {jp[1]:5.2f}  {jp[0] / bare[0]:5.2f}", flush=True)
+    return 0

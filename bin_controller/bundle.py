@@ -1,0 +1,259 @@
+"""Model bundles: a folder with manifest.json, labels with their bins, and TFLite stages.
+
+A bundle may chain a frozen backbone (read at a pooled-feature tensor) with a small head,
+which is how the study's chosen model is deployed without retraining the backbone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bin_controller import tflite_format
+from bin_controller.bins import BINS
+from bin_controller.errors import BundleError
+from bin_controller.fetch import RemoteFile, resolve, sha256_bytes
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+REPO_MODELS = Path(__file__).resolve().parent.parent / "model"
+
+
+@dataclass(frozen=True)
+class Label:
+    name: str
+    name_en: str
+    bin: str
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    width: int
+    height: int
+    # Real value the model expects for pixel p is (p - mean) / std.
+    mean: float = 0.0
+    std: float = 1.0
+    crop: str = "center"  # "center": square centre crop, or "none": squash the whole frame
+    crop_fraction: float = 1.0
+
+
+@dataclass(frozen=True)
+class Stage:
+    role: str
+    file: str | None = None
+    sha256: str | None = None
+    source: RemoteFile | None = None
+    output: str | None = None  # tensor to read; the model is cut there when it is not the output
+
+
+@dataclass
+class Bundle:
+    path: Path
+    name: str
+    version: str
+    description: str
+    labels: list[Label]
+    input: InputSpec
+    stages: list[Stage]
+    output: str = "probabilities"  # or "logits"
+    test_time_flip: bool = False
+    provenance: dict[str, Any] = field(default_factory=dict)
+    status: str = "ready"
+    how_to_train: str = ""
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label_names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+    def stage_models(self, *, backbone: str | None = None) -> list[bytes]:
+        """The TFLite bytes of each stage, verified; remote stages fetched and cut as needed."""
+        if self.status != "ready" or not self.stages:
+            raise BundleError(
+                f"{self.path / MANIFEST}: bundle {self.name!r} has no trained weights yet "
+                f"(status {self.status!r}). {self.how_to_train}".rstrip()
+            )
+        return [self._stage_bytes(stage, backbone) for stage in self.stages]
+
+    def _stage_bytes(self, stage: Stage, backbone: str | None) -> bytes:
+        if stage.source is not None:
+            data = resolve(stage.source, override=backbone)
+            where = stage.source.member
+        else:
+            assert stage.file is not None
+            path = self.path / stage.file
+            if not path.is_file():
+                raise BundleError(f"{path}: stage file is missing (named in {MANIFEST})")
+            data = path.read_bytes()
+            if sha256_bytes(data) != stage.sha256:
+                raise BundleError(
+                    f"{path}: checksum mismatch (sha256 {sha256_bytes(data)[:12]}…, manifest "
+                    f"says {str(stage.sha256)[:12]}…); the file is damaged or was replaced"
+                )
+            where = str(path)
+        if stage.output:
+            try:
+                names = tflite_format.tensor_names(data)
+                if stage.output not in names:
+                    raise BundleError(f"{where}: has no tensor named {stage.output!r}")
+                data = tflite_format.truncate_at_tensor(data, stage.output)
+            except tflite_format.TFLiteFormatError as exc:
+                raise BundleError(f"{where}: {exc}") from exc
+        return data
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Reader:
+    """Pulls typed fields out of a JSON object, naming the key path on any error."""
+
+    def __init__(self, data: Any, where: str, path: str = "") -> None:
+        if not isinstance(data, dict):
+            raise BundleError(f"{where}: {path or 'manifest'} must be an object")
+        self.data, self.where, self.path = data, where, path
+
+    def _name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if key not in self.data:
+            if default is ...:
+                raise BundleError(f"{self.where}: missing required field {self._name(key)!r}")
+            return default
+        value = self.data[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            allowed = " or ".join(k.__name__ for k in kinds)
+            raise BundleError(f"{self.where}: field {self._name(key)!r} must be {allowed}")
+        return value
+
+    def sub(self, key: str) -> _Reader:
+        return _Reader(self.get(key, dict), self.where, self._name(key))
+
+    def fail(self, key: str, message: str) -> BundleError:
+        return BundleError(f"{self.where}: field {self._name(key)!r} {message}")
+
+
+def _parse_labels(r: _Reader) -> list[Label]:
+    raw = r.get("labels", list)
+    if not raw:
+        raise r.fail("labels", "must list at least one label")
+    labels = []
+    for i, item in enumerate(raw):
+        lr = _Reader(item, r.where, f"labels[{i}]")
+        label = Label(lr.get("name", str), lr.get("name_en", str, ""), lr.get("bin", str))
+        if label.bin not in BINS:
+            raise lr.fail("bin", f"is {label.bin!r}; allowed bins are {', '.join(BINS)}")
+        labels.append(label)
+    names = [label.name for label in labels]
+    if len(set(names)) != len(names):
+        raise r.fail("labels", "has duplicate names")
+    return labels
+
+
+def _parse_stage(r: _Reader) -> Stage:
+    role = r.get("role", str)
+    output = r.get("output", str, None)
+    if "source" in r.data:
+        sr = r.sub("source")
+        sha = sr.get("sha256", str)
+        if len(sha) != 64:
+            raise sr.fail("sha256", "must be 64 hex digits")
+        remote = RemoteFile(sr.get("url", str), sha.lower(), sr.get("member", str))
+        return Stage(role=role, source=remote, output=output)
+    file = r.get("file", str)
+    sha = r.get("sha256", str)
+    if len(sha) != 64:
+        raise r.fail("sha256", "must be 64 hex digits")
+    if Path(file).is_absolute() or ".." in Path(file).parts:
+        raise r.fail("file", "must be a file name inside the bundle folder")
+    return Stage(role=role, file=file, sha256=sha.lower(), output=output)
+
+
+def parse_manifest(data: Any, bundle_dir: Path) -> Bundle:
+    where = str(bundle_dir / MANIFEST)
+    r = _Reader(data, where)
+    fmt = r.get("format", int)
+    if fmt != FORMAT_VERSION:
+        raise r.fail("format", f"is {fmt}; this smartbin reads format {FORMAT_VERSION}")
+    ir = r.sub("input")
+    size = ir.get("size", list)
+    if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise ir.fail("size", "must be [width, height] in pixels")
+    crop = ir.get("crop", str, "center")
+    if crop not in ("center", "none"):
+        raise ir.fail("crop", "must be 'center' or 'none'")
+    color = ir.get("color", str, "RGB")
+    if color != "RGB":
+        raise ir.fail("color", "must be 'RGB'")
+    fraction = float(ir.get("crop_fraction", (int, float), 1.0))
+    if not 0.1 <= fraction <= 1.0:
+        raise ir.fail("crop_fraction", "must be between 0.1 and 1.0")
+    std = float(ir.get("std", (int, float), 1.0))
+    if std <= 0:
+        raise ir.fail("std", "must be positive")
+    spec = InputSpec(size[0], size[1], float(ir.get("mean", (int, float), 0.0)), std,
+                     crop, fraction)
+    status = r.get("status", str, "ready")
+    stages = [_parse_stage(_Reader(s, where, f"stages[{i}]"))
+              for i, s in enumerate(r.get("stages", list, []))]
+    if status == "ready" and not stages:
+        raise r.fail("stages", "must list at least one TFLite stage when status is 'ready'")
+    output = r.get("output", str, "probabilities")
+    if output not in ("probabilities", "logits"):
+        raise r.fail("output", "must be 'probabilities' or 'logits'")
+    return Bundle(
+        path=bundle_dir,
+        name=r.get("name", str),
+        version=r.get("version", str),
+        description=r.get("description", str, ""),
+        labels=_parse_labels(r),
+        input=spec,
+        stages=stages,
+        output=output,
+        test_time_flip=r.get("test_time_flip", bool, False),
+        provenance=r.get("provenance", dict, {}),
+        status=status,
+        how_to_train=r.get("how_to_train", str, ""),
+        manifest=data,
+    )
+
+
+def find_bundle(name_or_path: str | Path) -> Path:
+    """A bundle folder by path, or by name under the repository's model/ folder."""
+    p = Path(name_or_path).expanduser()
+    if (p / MANIFEST).is_file():
+        return p
+    if p.name == MANIFEST and p.is_file():
+        return p.parent
+    bundled = REPO_MODELS / str(name_or_path)
+    if (bundled / MANIFEST).is_file():
+        return bundled
+    raise BundleError(
+        f"{p}: no model bundle here (expected a folder with {MANIFEST}, or one of: "
+        f"{', '.join(sorted(d.name for d in REPO_MODELS.iterdir() if (d / MANIFEST).is_file()))})"
+        if REPO_MODELS.is_dir() else f"{p}: no model bundle here (expected {MANIFEST})"
+    )
+
+
+def load_bundle(name_or_path: str | Path) -> Bundle:
+    bundle_dir = find_bundle(name_or_path)
+    manifest = bundle_dir / MANIFEST
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{manifest}: cannot read: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise BundleError(
+            f"{manifest}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from exc
+    return parse_manifest(data, bundle_dir)
+
+
+def write_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> None:
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"
+    (bundle_dir / MANIFEST).write_text(text, encoding="utf-8")

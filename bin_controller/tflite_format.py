@@ -1,0 +1,294 @@
+"""Just enough of the TFLite flatbuffer format to derive a pooled backbone and write int8 heads.
+
+TensorFlow is never needed on the bin, so the project reads and writes the few tables it
+needs itself. Field slots follow tensorflow/lite/schema/schema.fbs.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import flatbuffers
+import numpy as np
+
+# TensorType
+FLOAT32, INT32, UINT8, INT8 = 0, 2, 3, 9
+NUMPY_OF_TYPE = {FLOAT32: np.float32, INT32: np.int32, UINT8: np.uint8, INT8: np.int8}
+
+# BuiltinOperator, with the op version the converter writes for int8 kernels
+AVERAGE_POOL_2D, FULLY_CONNECTED, RESHAPE, SOFTMAX = 1, 9, 22, 25
+OP_VERSION = {AVERAGE_POOL_2D: 2, FULLY_CONNECTED: 4, RESHAPE: 1, SOFTMAX: 2}
+
+# BuiltinOptions union members
+POOL2D_OPTIONS, FULLY_CONNECTED_OPTIONS, SOFTMAX_OPTIONS, RESHAPE_OPTIONS = 5, 8, 9, 17
+
+# ActivationFunctionType, Padding
+ACT_NONE, ACT_RELU = 0, 1
+PADDING_VALID = 1
+
+
+class TFLiteFormatError(ValueError):
+    """The bytes are not a TFLite model this module understands."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Table:
+    """A flatbuffer table: position in the buffer plus its vtable."""
+
+    def __init__(self, buf: bytes, pos: int) -> None:
+        self.buf = buf
+        self.pos = pos
+        vtable = pos - struct.unpack_from("<i", buf, pos)[0]
+        self._vt_size = struct.unpack_from("<H", buf, vtable)[0]
+        self._vtable = vtable
+
+    def _field(self, slot: int) -> int:
+        off = 4 + 2 * slot
+        if off >= self._vt_size:
+            return 0
+        rel = struct.unpack_from("<H", self.buf, self._vtable + off)[0]
+        return self.pos + rel if rel else 0
+
+    def uint(self, slot: int, default: int = 0) -> int:
+        p = self._field(slot)
+        return struct.unpack_from("<I", self.buf, p)[0] if p else default
+
+    def vector_pos(self, slot: int) -> tuple[int, int]:
+        """(position of first element, length); (0, 0) when absent."""
+        p = self._field(slot)
+        if not p:
+            return 0, 0
+        start = p + struct.unpack_from("<I", self.buf, p)[0]
+        return start + 4, struct.unpack_from("<I", self.buf, start)[0]
+
+    def int_vector(self, slot: int) -> list[int]:
+        start, n = self.vector_pos(slot)
+        return list(struct.unpack_from(f"<{n}i", self.buf, start)) if n else []
+
+    def tables(self, slot: int) -> list[_Table]:
+        start, n = self.vector_pos(slot)
+        out = []
+        for i in range(n):
+            p = start + 4 * i
+            out.append(_Table(self.buf, p + struct.unpack_from("<I", self.buf, p)[0]))
+        return out
+
+    def string(self, slot: int) -> str:
+        start, n = self.vector_pos(slot)
+        return bytes(self.buf[start : start + n]).decode("utf-8", "replace") if n else ""
+
+
+def _model(buf: bytes) -> _Table:
+    if len(buf) < 8 or buf[4:8] != b"TFL3":
+        raise TFLiteFormatError("not a TFLite flatbuffer (missing 'TFL3' identifier)")
+    return _Table(buf, struct.unpack_from("<I", buf, 0)[0])
+
+
+def tensor_names(buf: bytes) -> list[str]:
+    """Names of the first subgraph's tensors, by index."""
+    subgraph = _model(buf).tables(2)[0]
+    return [t.string(3) for t in subgraph.tables(0)]
+
+
+def truncate_at_tensor(buf: bytes, tensor_name: str) -> bytes:
+    """Return a model whose only output is `tensor_name`, with every later operator dropped.
+
+    Works in place on a copy: the subgraph's operator vector is shortened (the converter
+    writes operators in execution order) and the single output index is rewritten. The
+    result is checked by the caller to give bit-identical features to the original.
+    """
+    data = bytearray(buf)
+    subgraph = _model(data).tables(2)
+    if len(subgraph) != 1:
+        raise TFLiteFormatError("only single-subgraph models can be truncated")
+    sg = subgraph[0]
+    names = [t.string(3) for t in sg.tables(0)]
+    if tensor_name not in names:
+        raise TFLiteFormatError(f"no tensor named {tensor_name!r} in the model")
+    target = names.index(tensor_name)
+    ops = sg.tables(3)
+    producer = next((i for i, op in enumerate(ops) if target in op.int_vector(2)), None)
+    if producer is None:
+        raise TFLiteFormatError(f"tensor {tensor_name!r} is not produced by any operator")
+    out_start, out_len = sg.vector_pos(2)
+    if out_len < 1:
+        raise TFLiteFormatError("model has no outputs")
+    ops_start, _ = sg.vector_pos(3)
+    struct.pack_into("<I", data, ops_start - 4, producer + 1)
+    struct.pack_into("<I", data, out_start - 4, 1)
+    struct.pack_into("<i", data, out_start, target)
+    return bytes(data)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass
+class Tensor:
+    name: str
+    shape: list[int]
+    dtype: int
+    scale: float | None = None
+    zero_point: int = 0
+    data: np.ndarray | None = None  # constant tensors only
+
+
+@dataclass
+class Op:
+    code: int
+    inputs: list[int]
+    outputs: list[int]
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class Graph:
+    tensors: list[Tensor] = field(default_factory=list)
+    ops: list[Op] = field(default_factory=list)
+    inputs: list[int] = field(default_factory=list)
+    outputs: list[int] = field(default_factory=list)
+
+    def add(self, tensor: Tensor) -> int:
+        self.tensors.append(tensor)
+        return len(self.tensors) - 1
+
+
+def _int_vector(b: flatbuffers.Builder, values: list[int]) -> int:
+    b.StartVector(4, len(values), 4)
+    for v in reversed(values):
+        b.PrependInt32(int(v))
+    return b.EndVector()
+
+
+def _offset_vector(b: flatbuffers.Builder, offsets: list[int]) -> int:
+    b.StartVector(4, len(offsets), 4)
+    for o in reversed(offsets):
+        b.PrependUOffsetTRelative(o)
+    return b.EndVector()
+
+
+def _options(b: flatbuffers.Builder, op: Op) -> tuple[int, int]:
+    o = op.options
+    if op.code == FULLY_CONNECTED:
+        b.StartObject(4)
+        b.PrependInt8Slot(0, o.get("activation", ACT_NONE), 0)
+        return FULLY_CONNECTED_OPTIONS, b.EndObject()
+    if op.code == SOFTMAX:
+        b.StartObject(1)
+        b.PrependFloat32Slot(0, o.get("beta", 1.0), 0.0)
+        return SOFTMAX_OPTIONS, b.EndObject()
+    if op.code == AVERAGE_POOL_2D:
+        b.StartObject(6)
+        b.PrependInt8Slot(0, PADDING_VALID, 0)
+        b.PrependInt32Slot(1, o["stride"], 0)
+        b.PrependInt32Slot(2, o["stride"], 0)
+        b.PrependInt32Slot(3, o["filter"], 0)
+        b.PrependInt32Slot(4, o["filter"], 0)
+        b.PrependInt8Slot(5, ACT_NONE, 0)
+        return POOL2D_OPTIONS, b.EndObject()
+    if op.code == RESHAPE:
+        shape = _int_vector(b, o["new_shape"])
+        b.StartObject(1)
+        b.PrependUOffsetTRelativeSlot(0, shape, 0)
+        return RESHAPE_OPTIONS, b.EndObject()
+    raise TFLiteFormatError(f"writer does not know operator {op.code}")
+
+
+def write_model(graph: Graph, description: str = "smartbin") -> bytes:
+    """Serialize a single-subgraph model. Constant tensors get their own buffers."""
+    b = flatbuffers.Builder(1024)
+    codes = sorted({op.code for op in graph.ops})
+
+    buffer_offsets = []
+    b.StartObject(1)  # buffer 0: the empty sentinel every model has
+    buffer_offsets.append(b.EndObject())
+    tensor_buffer = []
+    for t in graph.tensors:
+        if t.data is None:
+            tensor_buffer.append(0)
+            continue
+        raw = np.ascontiguousarray(t.data, dtype=NUMPY_OF_TYPE[t.dtype]).tobytes()
+        b.StartVector(1, len(raw), 16)  # 16-byte alignment lets kernels read in place
+        b.head = b.head - len(raw)
+        b.Bytes[b.head : b.head + len(raw)] = raw
+        vec = b.EndVector()
+        b.StartObject(1)
+        b.PrependUOffsetTRelativeSlot(0, vec, 0)
+        buffer_offsets.append(b.EndObject())
+        tensor_buffer.append(len(buffer_offsets) - 1)
+
+    tensor_offsets = []
+    for t, buf_index in zip(graph.tensors, tensor_buffer, strict=True):
+        name = b.CreateString(t.name)
+        shape = _int_vector(b, t.shape)
+        quant = 0
+        if t.scale is not None:
+            b.StartVector(4, 1, 4)
+            b.PrependFloat32(float(t.scale))
+            scale = b.EndVector()
+            b.StartVector(8, 1, 8)
+            b.PrependInt64(int(t.zero_point))
+            zp = b.EndVector()
+            b.StartObject(7)
+            b.PrependUOffsetTRelativeSlot(2, scale, 0)
+            b.PrependUOffsetTRelativeSlot(3, zp, 0)
+            quant = b.EndObject()
+        b.StartObject(5)
+        b.PrependUOffsetTRelativeSlot(0, shape, 0)
+        b.PrependInt8Slot(1, t.dtype, -1)  # -1 forces the field to be written even when 0
+        b.PrependUint32Slot(2, buf_index, 0xFFFFFFFF)
+        b.PrependUOffsetTRelativeSlot(3, name, 0)
+        if quant:
+            b.PrependUOffsetTRelativeSlot(4, quant, 0)
+        tensor_offsets.append(b.EndObject())
+
+    op_offsets = []
+    for op in graph.ops:
+        ins = _int_vector(b, op.inputs)
+        outs = _int_vector(b, op.outputs)
+        opt_type, opt = _options(b, op)
+        b.StartObject(5)
+        b.PrependUint32Slot(0, codes.index(op.code), 0xFFFFFFFF)
+        b.PrependUOffsetTRelativeSlot(1, ins, 0)
+        b.PrependUOffsetTRelativeSlot(2, outs, 0)
+        b.PrependUint8Slot(3, opt_type, 0)
+        b.PrependUOffsetTRelativeSlot(4, opt, 0)
+        op_offsets.append(b.EndObject())
+
+    tensors_vec = _offset_vector(b, tensor_offsets)
+    inputs_vec = _int_vector(b, graph.inputs)
+    outputs_vec = _int_vector(b, graph.outputs)
+    ops_vec = _offset_vector(b, op_offsets)
+    sg_name = b.CreateString("main")
+    b.StartObject(5)
+    b.PrependUOffsetTRelativeSlot(0, tensors_vec, 0)
+    b.PrependUOffsetTRelativeSlot(1, inputs_vec, 0)
+    b.PrependUOffsetTRelativeSlot(2, outputs_vec, 0)
+    b.PrependUOffsetTRelativeSlot(3, ops_vec, 0)
+    b.PrependUOffsetTRelativeSlot(4, sg_name, 0)
+    subgraph = b.EndObject()
+
+    code_offsets = []
+    for code in codes:
+        b.StartObject(4)
+        b.PrependInt8Slot(0, min(code, 127), -1)
+        b.PrependInt32Slot(2, OP_VERSION[code], 0)
+        b.PrependInt32Slot(3, code, -1)
+        code_offsets.append(b.EndObject())
+
+    codes_vec = _offset_vector(b, code_offsets)
+    subgraphs_vec = _offset_vector(b, [subgraph])
+    buffers_vec = _offset_vector(b, buffer_offsets)
+    desc = b.CreateString(description)
+    b.StartObject(5)
+    b.PrependUint32Slot(0, 3, 0)
+    b.PrependUOffsetTRelativeSlot(1, codes_vec, 0)
+    b.PrependUOffsetTRelativeSlot(2, subgraphs_vec, 0)
+    b.PrependUOffsetTRelativeSlot(3, desc, 0)
+    b.PrependUOffsetTRelativeSlot(4, buffers_vec, 0)
+    model = b.EndObject()
+    b.Finish(model, file_identifier=b"TFL3")
+    return bytes(b.Output())

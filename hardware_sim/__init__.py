@@ -1,0 +1,1 @@
+"""Stand-ins for the bin's hardware: mock pins, a camera of photos, item drops."""

@@ -1,0 +1,1 @@
+"""Training: dataset split, frozen-backbone features, heads, int8 export, evaluation."""

@@ -1,0 +1,129 @@
+"""Dropout + dense heads on frozen features, trained in numpy (no TensorFlow needed)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Dense:
+    weight: np.ndarray  # [out, in], the TFLite FULLY_CONNECTED layout
+    bias: np.ndarray
+    relu: bool = False
+
+
+@dataclass
+class HeadResult:
+    layers: list[Dense]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def forward(layers: list[Dense], x: np.ndarray) -> list[np.ndarray]:
+    """Activations after each layer (the last is logits)."""
+    outs = []
+    for layer in layers:
+        x = x @ layer.weight.T + layer.bias
+        if layer.relu:
+            x = np.maximum(x, 0)
+        outs.append(x)
+    return outs
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _accuracy(layers: list[Dense], x: np.ndarray, y: np.ndarray) -> float:
+    return float((forward(layers, x)[-1].argmax(1) == y).mean()) if len(y) else float("nan")
+
+
+def train_head(
+    x: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    *,
+    hidden: int = 0,
+    dropout: float = 0.5,
+    lr: float = 1e-4,
+    epochs: int = 30,
+    batch_size: int = 16,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    x_val: np.ndarray | None = None,
+    y_val: np.ndarray | None = None,
+    log=None,
+) -> HeadResult:
+    """Adam on softmax cross-entropy, dropout on the features as in the study's head.
+
+    Features are standardized for training and the scaling folded back into the first
+    layer, so the exported head takes the backbone's raw features.
+    """
+    rng = np.random.default_rng(seed)
+    x = x.astype(np.float32)
+    mean = x.mean(0)
+    std = x.std(0) + 1e-3
+    xs = (x - mean) / std
+    xv = None if x_val is None else ((x_val.astype(np.float32) - mean) / std)
+    dims = [x.shape[1], *([hidden] if hidden else []), n_classes]
+    layers = []
+    for i, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
+        limit = np.sqrt(6.0 / (d_in + d_out))
+        w = rng.uniform(-limit, limit, (d_out, d_in)).astype(np.float32)
+        layers.append(Dense(w, np.zeros(d_out, np.float32), relu=i < len(dims) - 2))
+    params = [p for layer in layers for p in (layer.weight, layer.bias)]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    beta1, beta2, eps, step = 0.9, 0.999, 1e-7, 0
+    history = []
+    onehot = np.eye(n_classes, dtype=np.float32)
+    for epoch in range(epochs):
+        order = rng.permutation(len(xs))
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            a = xs[idx]
+            if dropout > 0:
+                a = a * (rng.random(a.shape) >= dropout) / (1 - dropout)
+            acts = [a]
+            for layer in layers:
+                z = acts[-1] @ layer.weight.T + layer.bias
+                acts.append(np.maximum(z, 0) if layer.relu else z)
+            p = softmax(acts[-1])
+            t = onehot[y[idx]]
+            total += float(-np.log(np.clip(p[np.arange(len(idx)), y[idx]], 1e-12, 1)).sum())
+            grad = (p - t) / len(idx)
+            grads = []
+            for li in range(len(layers) - 1, -1, -1):
+                layer = layers[li]
+                gw = grad.T @ acts[li] + weight_decay * layer.weight
+                gb = grad.sum(0)
+                grads[:0] = [gw, gb]
+                if li:
+                    grad = (grad @ layer.weight) * (acts[li] > 0)
+            step += 1
+            for i, (p_, g) in enumerate(zip(params, grads, strict=True)):
+                m[i] = beta1 * m[i] + (1 - beta1) * g
+                v[i] = beta2 * v[i] + (1 - beta2) * g * g
+                mh = m[i] / (1 - beta1**step)
+                vh = v[i] / (1 - beta2**step)
+                p_ -= lr * mh / (np.sqrt(vh) + eps)
+        record = {"epoch": epoch + 1, "loss": total / len(xs),
+                  "train_acc": _accuracy(layers, xs, y)}
+        if xv is not None and y_val is not None:
+            pv = softmax(forward(layers, xv)[-1])
+            record["val_loss"] = float(-np.log(np.clip(pv[np.arange(len(y_val)), y_val],
+                                                       1e-12, 1)).mean())
+            record["val_acc"] = float((pv.argmax(1) == y_val).mean())
+        history.append(record)
+        if log:
+            log(record)
+    first = layers[0]
+    folded_w = first.weight / std
+    folded_b = first.bias - folded_w @ mean
+    layers[0] = Dense(folded_w.astype(np.float32), folded_b.astype(np.float32), first.relu)
+    return HeadResult(layers, history)
