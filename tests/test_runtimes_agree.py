@@ -36,6 +36,17 @@ def test_top1_agrees_on_60_real_photos(tflite_python, mobilenet_file, trashnet_d
     theirs = [json.loads(line) for line in r.stdout.splitlines()]
     assert {rec["backend"] for rec in theirs} == {"tflite-runtime"}
     ours = Classifier(bundle, backend="litert")
-    agree = sum(ours.classify_file(p).label.name == rec["label"]
-                for p, rec in zip(photos, theirs, strict=True))
-    assert agree == len(photos)
+    names = ours.bundle.label_names
+    exact = 0
+    for photo, rec in zip(photos, theirs, strict=True):
+        p = ours.classify_file(photo)
+        if p.label.name == rec["label"]:
+            exact += 1
+            continue
+        # The two runtimes round int8 arithmetic differently (XNNPACK vs reference
+        # kernels); a different top-1 is only acceptable where one of them has a tie.
+        their_scores = {t["label"]: t["score"] for t in rec["top"]}
+        ours_tied = p.probabilities[names.index(rec["label"])] == p.confidence
+        theirs_tied = their_scores.get(p.label.name) == rec["confidence"]
+        assert ours_tied or theirs_tied, (photo, p.top[:3], rec["top"][:3])
+    assert exact >= 50, exact
