@@ -67,6 +67,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from hardware_sim import cli as sim_cli
+
+    sim_cli.configure_logging(False)
+    return sim_cli.run(args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from bin_controller import service
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return service.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartbin", description="Smart waste bin controller")
     parser.add_argument("--version", action="version", version=f"smartbin {__version__}")
@@ -78,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="how many top labels to report")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("run", help="run the bin on its hardware")
+    p.add_argument("--config", default=None, help="TOML configuration file")
+    p.add_argument("--bin-id", default=None, help="override bin.id")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("simulate", help="run the whole bin on simulated hardware")
+    from hardware_sim.cli import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("bench", help="benchmarks that print numbers")
     bench_sub = p.add_subparsers(dest="bench", required=True, metavar="WHAT")

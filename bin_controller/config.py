@@ -1,0 +1,299 @@
+"""Configuration: one TOML file, validated against a schema on load.
+
+Unknown keys are rejected, types and ranges checked, and an error names the key path, the
+bad value and what is allowed. With no file at all the defaults run the simulator. The
+schema also generates the configuration reference in the README (`smartbin config-doc`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from bin_controller.bins import BINS
+from bin_controller.errors import SmartbinError
+
+
+class ConfigError(SmartbinError):
+    """The configuration file or a value in it is wrong."""
+
+
+def _opt(default: Any, doc: str, *, choices: tuple | None = None, min: float | None = None,
+         max: float | None = None, factory: Any = None) -> Any:
+    meta = {"doc": doc, "choices": choices, "min": min, "max": max}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _hostname() -> str:
+    return socket.gethostname().split(".")[0] or "smartbin"
+
+
+def _default_state_dir() -> str:
+    # systemd's StateDirectory= hands the folder over in $STATE_DIRECTORY.
+    if os.environ.get("STATE_DIRECTORY"):
+        return os.environ["STATE_DIRECTORY"].split(":")[0]
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "smartbin")
+
+
+@dataclass
+class BinSection:
+    id: str = _opt(None, "Bin id used in MQTT topics and logs; defaults to the host name.",
+                   factory=_hostname)
+    state_dir: str = _opt(None, "Folder for the count database; defaults to $STATE_DIRECTORY "
+                                "or ~/.local/state/smartbin.", factory=_default_state_dir)
+
+
+@dataclass
+class ModelSection:
+    bundle: str = _opt("demo", "Model bundle folder, or a bundle name under model/.")
+    backend: str = _opt("auto", "TFLite runtime.",
+                        choices=("auto", "litert", "tflite-runtime", "tensorflow"))
+    threads: int = _opt(2, "Interpreter threads.", min=1, max=8)
+    backbone: str = _opt("", "Local file or folder for a downloadable backbone (optional).")
+    confidence_threshold: float = _opt(0.5, "Below this confidence the item goes to "
+                                            "fallback_bin, marked uncertain.", min=0.0, max=1.0)
+    fallback_bin: str = _opt("other", "Bin for uncertain and failed items.", choices=BINS)
+    retries: int = _opt(2, "Extra attempts after a camera or classifier error.", min=0, max=10)
+
+
+@dataclass
+class HardwareSection:
+    pin_factory: str = _opt("auto", "gpiozero pin factory: auto picks the Pi's (lgpio on "
+                                    "Pi OS); mock is gpiozero's MockFactory.",
+                            choices=("auto", "lgpio", "rpigpio", "pigpio", "native", "mock"))
+
+
+@dataclass
+class SensorSection:
+    type: str = _opt("beam", "Presence sensor: IR break-beam, ultrasonic distance or PIR motion.",
+                     choices=("beam", "ultrasonic", "pir"))
+    pin: int = _opt(17, "GPIO (BCM) of the break-beam receiver or PIR output.", min=0, max=27)
+    beam_broken_level: str = _opt("low", "Level of the beam receiver when the beam is broken.",
+                                  choices=("low", "high"))
+    trigger_pin: int = _opt(23, "Ultrasonic TRIG GPIO.", min=0, max=27)
+    echo_pin: int = _opt(24, "Ultrasonic ECHO GPIO (through a 5 V -> 3.3 V divider).", min=0,
+                         max=27)
+    threshold_m: float = _opt(0.2, "Ultrasonic: an item is present nearer than this.",
+                              min=0.02, max=2.0)
+    hysteresis_m: float = _opt(0.03, "Ultrasonic: present until farther than threshold + this.",
+                               min=0.0, max=0.5)
+    max_distance_m: float = _opt(0.5, "Ultrasonic: readings are clamped here.", min=0.1, max=4.0)
+    settle_s: float = _opt(0.15, "An item counts as present only after this long.", min=0.0,
+                           max=5.0)
+    jam_s: float = _opt(4.0, "Still present this long after the flap moved: a jam.", min=0.1,
+                        max=120.0)
+
+
+@dataclass
+class CameraSection:
+    type: str = _opt("picamera2", "Camera on the bin (picamera2), or the simulator's.",
+                     choices=("picamera2", "simulated"))
+    width: int = _opt(320, "Capture width: close to the model input, no costly resize.",
+                      min=64, max=4056)
+    height: int = _opt(240, "Capture height.", min=64, max=3040)
+    warmup_s: float = _opt(1.0, "Time for exposure and white balance to settle at start.",
+                           min=0.0, max=10.0)
+    led_pin: int = _opt(-1, "GPIO of an illumination LED lit during the shot; -1 for none.",
+                        min=-1, max=27)
+    led_settle_s: float = _opt(0.05, "Time between lighting the LED and the shot.", min=0.0,
+                               max=2.0)
+
+
+def _default_angles() -> dict[str, float]:
+    return {"recyclable": -60.0, "kitchen": -20.0, "hazardous": 20.0, "other": 60.0}
+
+
+@dataclass
+class FlapSection:
+    pin: int = _opt(18, "Servo signal GPIO (hardware PWM pins 12, 13, 18, 19 jitter least).",
+                    min=0, max=27)
+    angles: dict[str, float] = _opt(None, "Flap angle per bin, degrees.",
+                                    factory=_default_angles)
+    rest_angle: float = _opt(0.0, "Angle that holds the item while it is photographed.",
+                             min=-90, max=90)
+    min_angle: float = _opt(-90.0, "Angle at min_pulse_s.", min=-180, max=0)
+    max_angle: float = _opt(90.0, "Angle at max_pulse_s.", min=0, max=180)
+    min_pulse_s: float = _opt(0.0005, "Servo pulse width at min_angle.", min=0.0001, max=0.003)
+    max_pulse_s: float = _opt(0.0025, "Servo pulse width at max_angle.", min=0.0005, max=0.004)
+    move_s: float = _opt(0.35, "Time the servo needs for a move.", min=0.0, max=5.0)
+    hold_s: float = _opt(0.4, "Time held at the bin angle while the item slides off.", min=0.0,
+                         max=5.0)
+
+
+@dataclass
+class GateSection:
+    enabled: bool = _opt(False, "A second servo that closes the chute during a cycle.")
+    pin: int = _opt(13, "Gate servo GPIO.", min=0, max=27)
+    open_angle: float = _opt(90.0, "Gate open.", min=-90, max=90)
+    closed_angle: float = _opt(0.0, "Gate closed.", min=-90, max=90)
+    move_s: float = _opt(0.3, "Time the gate servo needs for a move.", min=0.0, max=5.0)
+
+
+@dataclass
+class LoopSection:
+    cooldown_s: float = _opt(0.2, "Pause after each item before the next is accepted.",
+                             min=0.0, max=10.0)
+    tick_s: float = _opt(1.0, "Longest wait without checking health (watchdog pings).",
+                         min=0.05, max=10.0)
+
+
+@dataclass
+class Config:
+    bin: BinSection = field(default_factory=BinSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    hardware: HardwareSection = field(default_factory=HardwareSection)
+    sensor: SensorSection = field(default_factory=SensorSection)
+    camera: CameraSection = field(default_factory=CameraSection)
+    flap: FlapSection = field(default_factory=FlapSection)
+    gate: GateSection = field(default_factory=GateSection)
+    loop: LoopSection = field(default_factory=LoopSection)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is dict:
+        return "a table of numbers"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, str(tp))
+
+
+def _check_value(path: str, value: Any, tp: Any, meta: dict) -> Any:
+    origin = get_origin(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} = {value!r}: must be a table, e.g. {{ other = 60 }}")
+        value_type = get_args(tp)[1]
+        out = {}
+        for k, v in value.items():
+            out[k] = _check_value(f"{path}.{k}", v, value_type, {})
+        return out
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ConfigError(f"{path} = {value!r}: must be {_type_name(tp)}")
+    if tp is float:
+        value = float(value)
+    if meta.get("choices") and value not in meta["choices"]:
+        allowed = ", ".join(map(str, meta["choices"]))
+        raise ConfigError(f"{path} = {value!r}: must be one of {allowed}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{path} = {value!r}: must be between {lo} and {hi}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            where = f"[{prefix}]" if prefix else "the top level"
+            allowed = ", ".join(known)
+            raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{key} in {where}; "
+                              f"allowed: {allowed}")
+    kwargs = {}
+    for name, f in known.items():
+        if name not in data:
+            continue
+        path = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
+            if not isinstance(data[name], dict):
+                raise ConfigError(f"{path} must be a table: [{path}]")
+            kwargs[name] = _build(tp, data[name], path)
+        else:
+            kwargs[name] = _check_value(path, data[name], tp, dict(f.metadata))
+    return cls(**kwargs)
+
+
+def _cross_checks(cfg: Config) -> None:
+    angles = cfg.flap.angles
+    missing = [b for b in BINS if b not in angles]
+    unknown = [b for b in angles if b not in BINS]
+    if unknown:
+        raise ConfigError(f"flap.angles.{unknown[0]}: unknown bin; bins are {', '.join(BINS)}")
+    if missing:
+        raise ConfigError(f"flap.angles: no angle for {', '.join(missing)}; every bin needs one")
+    for b, a in angles.items():
+        if not cfg.flap.min_angle <= a <= cfg.flap.max_angle:
+            raise ConfigError(f"flap.angles.{b} = {a}: outside min_angle..max_angle "
+                              f"({cfg.flap.min_angle}..{cfg.flap.max_angle})")
+    if cfg.flap.min_pulse_s >= cfg.flap.max_pulse_s:
+        raise ConfigError("flap.min_pulse_s must be smaller than flap.max_pulse_s")
+    if cfg.sensor.type == "ultrasonic" and \
+            cfg.sensor.threshold_m + cfg.sensor.hysteresis_m >= cfg.sensor.max_distance_m:
+        raise ConfigError("sensor.threshold_m + sensor.hysteresis_m must be below "
+                          "sensor.max_distance_m")
+    pins = {"sensor.pin": cfg.sensor.pin} if cfg.sensor.type != "ultrasonic" else {
+        "sensor.trigger_pin": cfg.sensor.trigger_pin, "sensor.echo_pin": cfg.sensor.echo_pin}
+    pins["flap.pin"] = cfg.flap.pin
+    if cfg.gate.enabled:
+        pins["gate.pin"] = cfg.gate.pin
+    if cfg.camera.led_pin >= 0:
+        pins["camera.led_pin"] = cfg.camera.led_pin
+    seen: dict[int, str] = {}
+    for name, pin in pins.items():
+        if pin in seen:
+            raise ConfigError(f"{name} = {pin}: GPIO {pin} is already used by {seen[pin]}")
+        seen[pin] = name
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data, "")
+    _cross_checks(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None) -> Config:
+    """The configuration in `path`, or the defaults when path is None."""
+    if path is None:
+        return config_from_dict({})
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{p}: no such configuration file") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from exc
+
+
+def reference() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, description) for every option, for the docs."""
+    rows = []
+    defaults = Config()
+    for section in fields(Config):
+        cls = get_type_hints(Config)[section.name]
+        hints = get_type_hints(cls)
+        sec_default = getattr(defaults, section.name)
+        for f in fields(cls):
+            meta = f.metadata
+            doc = meta.get("doc", "")
+            if meta.get("choices"):
+                doc += " One of: " + ", ".join(map(str, meta["choices"])) + "."
+            elif meta.get("min") is not None:
+                doc += f" Range {meta['min']} to {meta['max']}."
+            default = getattr(sec_default, f.name)
+            if f.name in ("id", "state_dir"):
+                default = "(see description)"
+            rows.append((f"{section.name}.{f.name}", _type_name(hints[f.name]), default, doc))
+    return rows

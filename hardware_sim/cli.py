@@ -1,0 +1,124 @@
+"""`smartbin simulate`: the whole bin on a laptop, with a line per item and a summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from bin_controller.bins import BINS
+from bin_controller.classifier import Classifier
+from bin_controller.config import load_config
+from bin_controller.errors import SmartbinError
+from hardware_sim.mechanics import SimItem
+from hardware_sim.simulate import Faults, run_simulation
+from hardware_sim.sources import FolderSource, GeneratedSource
+
+
+def _item_numbers(text: str | None) -> set[int]:
+    return {int(x) for x in text.split(",") if x.strip()} if text else set()
+
+
+def _pairs(text: str | None, kind) -> dict[int, float]:
+    out = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        n, _, value = part.partition(":")
+        out[int(n)] = kind(value) if value else kind(1)
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML configuration (default: built-in)")
+    p.add_argument("--model", help="model bundle (default: the config's, i.e. demo)")
+    p.add_argument("--backbone", help="local file or folder for a downloadable backbone")
+    p.add_argument("--images", type=Path,
+                   help="folder of class subfolders to photograph (default: generated items)")
+    p.add_argument("--bin-map", type=Path,
+                   help="JSON class -> bin for --images (default: from <bin>_<item> names)")
+    p.add_argument("--items", type=int, default=20, help="how many items to drop (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fast", action="store_true", help="no mechanical delays")
+    p.add_argument("--report", type=Path, help="write a JSON report here")
+    p.add_argument("--jam", help="item numbers that jam, e.g. 3,7")
+    p.add_argument("--camera-fail", help="ITEM[:FAILURES],... failed captures for an item")
+    p.add_argument("--slow", help="ITEM[:SECONDS],... a slow classifier for an item")
+    p.add_argument("--double-drop", help="item numbers followed by a second item mid-sort")
+    p.add_argument("--quiet", action="store_true", help="only the summary")
+
+
+def _line(item: SimItem) -> str:
+    e = item.events[0] if item.events else None
+    got = "-" if not e else (
+        f"{e.label_en or e.label or '?'} {e.confidence:.0%}" if e.confidence is not None
+        else e.error or "failed")
+    flag = "ok" if item.compartment == item.true_bin else "WRONG"
+    notes = []
+    if e and e.uncertain:
+        notes.append("uncertain")
+    if e and e.failed:
+        notes.append("failed")
+    if item.passed_unsorted:
+        notes.append("passed unsorted")
+    cycle = f"{e.cycle_ms:7.0f} ms" if e and e.cycle_ms else " " * 10
+    return (f"#{item.id:<4} {(item.label_en or item.true_class)[:18]:18} ({item.true_bin:10}) -> {got[:28]:28} "
+            f"-> {(e.bin if e else '-'):10} landed {str(item.compartment):10} {flag:5} {cycle}"
+            f" {' '.join(notes)}").rstrip()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.items < 1:
+        raise SmartbinError("--items must be 1 or more")
+    cfg = load_config(args.config)
+    model = args.model or cfg.model.bundle
+    classifier = Classifier(model, backend=cfg.model.backend, num_threads=cfg.model.threads,
+                            backbone=args.backbone or cfg.model.backbone or None)
+    if args.images:
+        source = FolderSource(args.images, args.bin_map, args.seed,
+                              (cfg.camera.width, cfg.camera.height))
+    else:
+        source = GeneratedSource(args.seed)
+    items = source.items(args.items)
+    faults = Faults(
+        jam=_item_numbers(args.jam),
+        camera_fail={k: int(v) for k, v in _pairs(args.camera_fail, int).items()},
+        slow_classifier_s=_pairs(args.slow, float),
+        double_drop=_item_numbers(args.double_drop),
+    )
+    if faults.jam:
+        cfg.sensor.jam_s = min(cfg.sensor.jam_s, 1.0)
+    print(f"simulating {len(items)} items from {source.name} with model {model} "
+          f"({classifier.backend}), {'fast' if args.fast else 'real-time'} mechanics",
+          flush=True)
+    on_item = None if args.quiet else (lambda item: print(_line(item), flush=True))
+    result = run_simulation(cfg, items, classifier, fast=args.fast, faults=faults,
+                            on_item=on_item)
+    report = result.report()
+    report.update(model=model, backend=classifier.backend, source=source.name, seed=args.seed)
+    print()
+    print(f"{'bin':12} {'routed':>7} {'truth':>7}")
+    for b in BINS:
+        truth = sum(1 for i in items if i.true_bin == b)
+        print(f"{b:12} {report['routed'][b]:>7} {truth:>7}")
+    print(f"items {len(items)}, counted {report['counted']}, landed in the right compartment "
+          f"{report['correct']} ({report['bin_accuracy']:.1%}), uncertain {report['uncertain']}, "
+          f"failed {report['failed']}, faults {report['faults'] or 'none'}")
+    c = report["cycle_ms"]
+    if c["p50"] is not None:
+        print(f"cycle p50 {c['p50']:.0f} ms, p95 {c['p95']:.0f} ms; "
+              f"{report['seconds']:.1f} s in all")
+    if args.report:
+        args.report.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n",
+                               encoding="utf-8")
+    if result.timed_out:
+        print("smartbin: error: an item never finished its cycle (see the log)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,224 @@
+"""Runs the real sorting loop against the simulated bin and reports what landed where."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bin_controller.bins import BINS
+from bin_controller.classifier import Classifier
+from bin_controller.config import Config
+from bin_controller.flap import Flap, Gate
+from bin_controller.sensors import make_sensor
+from bin_controller.sorter import MemoryRecorder, Recorder, SortEvent, SortingLoop, State
+from hardware_sim.mechanics import SimBin, SimCamera, SimItem, Timing
+
+
+@dataclass
+class Faults:
+    """Which items meet trouble (1-based item numbers)."""
+
+    jam: set[int] = field(default_factory=set)
+    camera_fail: dict[int, int] = field(default_factory=dict)  # item -> failed captures
+    slow_classifier_s: dict[int, float] = field(default_factory=dict)
+    double_drop: set[int] = field(default_factory=set)  # the next item drops mid-sort
+    jam_clear_s: float = 0.5  # how long before the operator clears a jam (after the fault)
+
+
+class _SlowClassifier:
+    """Wraps the classifier to delay chosen items."""
+
+    def __init__(self, inner: Classifier) -> None:
+        self.inner = inner
+        self.delay_s = 0.0
+
+    @property
+    def bundle(self):
+        return self.inner.bundle
+
+    def classify_array(self, frame: np.ndarray):
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return self.inner.classify_array(frame)
+
+
+def sim_config(cfg: Config, fast: bool) -> Config:
+    """The simulator has no real camera and uses gpiozero's mock pins."""
+    cfg.camera.type = "simulated"
+    cfg.hardware.pin_factory = "mock"
+    if fast:
+        cfg.sensor.settle_s = 0.0
+        cfg.flap.move_s = cfg.flap.hold_s = 0.0
+        cfg.gate.move_s = 0.0
+        cfg.loop.cooldown_s = 0.0
+        cfg.camera.warmup_s = 0.0
+    return cfg
+
+
+@dataclass
+class SimResult:
+    items: list[SimItem]
+    events: list[SortEvent]
+    loop: SortingLoop
+    seconds: float
+    timed_out: bool = False
+
+    def report(self) -> dict[str, Any]:
+        routed = dict.fromkeys(BINS, 0)
+        for e in self.events:
+            routed[e.bin] += 1
+        correct = sum(1 for i in self.items if i.compartment == i.true_bin)
+        cycles = [e.cycle_ms for e in self.events if not e.error or "double" not in e.error]
+        decisions = [e.decision_ms for e in self.events if e.decision_ms > 0]
+        n = len(self.items)
+        return {
+            "items": [
+                {
+                    "n": i.id, "true_class": i.true_class, "true_bin": i.true_bin,
+                    "label": i.events[0].label if i.events else None,
+                    "label_en": i.events[0].label_en if i.events else None,
+                    "confidence": i.events[0].confidence if i.events else None,
+                    "bin": i.events[0].bin if i.events else None,
+                    "compartment": i.compartment,
+                    "uncertain": bool(i.events and i.events[0].uncertain),
+                    "failed": bool(i.events and i.events[0].failed),
+                    "seq": i.events[0].seq if i.events else None,
+                }
+                for i in self.items
+            ],
+            "routed": routed,
+            "counted": len(self.events),
+            "correct": correct,
+            "bin_accuracy": round(correct / n, 4) if n else None,
+            "uncertain": sum(1 for e in self.events if e.uncertain),
+            "failed": sum(1 for e in self.events if e.failed),
+            "faults": dict(self.loop.fault_counts),
+            "cycle_ms": _pcts(cycles),
+            "decision_ms": _pcts(decisions),
+            "seconds": round(self.seconds, 2),
+            "timed_out": self.timed_out,
+        }
+
+
+def _pcts(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None}
+    return {"p50": round(float(np.percentile(values, 50)), 2),
+            "p95": round(float(np.percentile(values, 95)), 2)}
+
+
+def run_simulation(
+    cfg: Config,
+    items: list[SimItem],
+    classifier: Classifier,
+    *,
+    fast: bool = False,
+    timing: Timing | None = None,
+    faults: Faults | None = None,
+    recorder: Recorder | None = None,
+    on_item=None,
+    on_loop=None,
+    item_timeout_s: float = 60.0,
+) -> SimResult:
+    """Drop the items one after another (as a person would) and wait for each to land."""
+    faults = faults or Faults()
+    cfg = sim_config(cfg, fast)
+    sim = SimBin(cfg, timing or (Timing.fast() if fast else Timing()))
+    recorder = recorder or MemoryRecorder()
+    sensor = make_sensor(cfg.sensor, sim.pin_factory)
+    flap = Flap(cfg.flap, sim.pin_factory)
+    gate = Gate(cfg.gate, sim.pin_factory) if cfg.gate.enabled else None
+    camera = SimCamera(sim)
+    slow = _SlowClassifier(classifier)
+    loop = SortingLoop(config=cfg, sensor=sensor, camera=camera, classifier=slow, flap=flap,
+                       recorder=recorder, gate=gate)
+    events: list[SortEvent] = []
+    changed = threading.Condition()
+
+    def on_event(event: SortEvent) -> None:
+        with changed:
+            events.append(event)
+            if event.error and event.error.startswith("double drop"):
+                waiting = [i for i in items if i.passed_unsorted and not i.events]
+                if waiting:
+                    waiting[0].events.append(event)
+            else:
+                for item in sim.sorting:
+                    item.events.append(event)
+                sim.sorting = []
+            changed.notify_all()
+
+    def notify(*_: Any) -> None:
+        with changed:
+            changed.notify_all()
+
+    loop.on_event.append(on_event)
+    loop.on_state.append(notify)
+    sim.on_land.append(notify)
+    if on_loop:
+        on_loop(loop)
+    thread = threading.Thread(target=loop.run, name="sorting-loop", daemon=True)
+    started = time.monotonic()
+    thread.start()
+    timed_out = False
+    try:
+        pending_double: SimItem | None = None
+        for index, item in enumerate(items):
+            number = index + 1
+            if item is pending_double:
+                continue  # already dropped on top of the previous one
+            item.jam = number in faults.jam
+            camera.fail_next = faults.camera_fail.get(number, 0)
+            slow.delay_s = faults.slow_classifier_s.get(number, 0.0)
+            batch = [item]
+            if number in faults.double_drop and index + 1 < len(items):
+                second = items[index + 1]
+                pending_double = second
+                batch.append(second)
+
+                def drop_second(second: SimItem = second) -> None:
+                    sim.on_tip.remove(drop_second)
+                    sim.drop(second)
+
+                sim.on_tip.append(drop_second)
+            sim.drop(item)
+            if item.jam:
+                _clear_jam_when_reported(loop, sim, faults.jam_clear_s, changed, item_timeout_s)
+            ok = _wait_done(batch, loop, changed, item_timeout_s)
+            for done in batch:
+                if on_item:
+                    on_item(done)
+            if not ok:
+                timed_out = True
+                break
+    finally:
+        loop.stop()
+        thread.join(timeout=10)
+        sensor.close()
+        flap.close()
+        if gate:
+            gate.close()
+        sim.close()
+    return SimResult(items, events, loop, time.monotonic() - started, timed_out)
+
+
+def _wait_done(batch: list[SimItem], loop: SortingLoop, changed: threading.Condition,
+               timeout: float) -> bool:
+    """Until every item of the batch has landed and been counted, and the loop is idle."""
+    def done() -> bool:
+        return all(i.compartment and i.events for i in batch) and loop.state == State.IDLE
+
+    with changed:
+        return changed.wait_for(done, timeout=timeout)
+
+
+def _clear_jam_when_reported(loop: SortingLoop, sim: SimBin, after_s: float,
+                             changed: threading.Condition, timeout: float) -> None:
+    with changed:
+        changed.wait_for(lambda: loop.state == State.FAULT, timeout=timeout)
+    time.sleep(after_s)
+    sim.clear_jam()
