@@ -64,8 +64,9 @@ def _line(item: SimItem) -> str:
     if item.passed_unsorted:
         notes.append("passed unsorted")
     cycle = f"{e.cycle_ms:7.0f} ms" if e and e.cycle_ms else " " * 10
-    return (f"#{item.id:<4} {(item.label_en or item.true_class)[:18]:18} ({item.true_bin:10}) -> {got[:28]:28} "
-            f"-> {(e.bin if e else '-'):10} landed {str(item.compartment):10} {flag:5} {cycle}"
+    name = (item.label_en or item.true_class)[:18]
+    return (f"#{item.id:<4} {name:18} ({item.true_bin:10}) -> {got[:28]:28} "
+            f"-> {(e.bin if e else '-'):10} landed {item.compartment!s:10} {flag:5} {cycle}"
             f" {' '.join(notes)}").rstrip()
 
 

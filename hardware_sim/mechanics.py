@@ -54,7 +54,7 @@ class _ObservedPWMPin(MockPWMPin):
 
     observer: Callable[[Any, float], None] | None = None
 
-    def _change_state(self, value):  # noqa: ANN001 - gpiozero's signature
+    def _change_state(self, value):
         changed = super()._change_state(value)
         if changed and self.observer is not None:
             self.observer(self, float(value))

@@ -43,7 +43,7 @@ def test_bad_values(data, message):
 def test_bad_toml_names_the_file(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[sensor\ntype = 1")
-    with pytest.raises(ConfigError, match="c.toml: not valid TOML"):
+    with pytest.raises(ConfigError, match=r"c\.toml: not valid TOML"):
         load_config(path)
     with pytest.raises(ConfigError, match="no such configuration file"):
         load_config(tmp_path / "missing.toml")
