@@ -92,3 +92,65 @@ def run(args: argparse.Namespace) -> int:
                       f"{arr[0]:7.2f} / {arr[1]:5.2f}  {arr[0] / bare[0]:5.2f}  "
                       f"{jp[0]:7.2f} / {jp[1]:5.2f}  {jp[0] / bare[0]:5.2f}", flush=True)
     return 0
+
+
+def run_cycle(args: argparse.Namespace) -> int:
+    """Sensor edge to servo command over many simulated items, beside the bare invoke()."""
+    from bin_controller.config import load_config
+    from hardware_sim.simulate import run_simulation
+    from hardware_sim.sources import FolderSource, GeneratedSource
+
+    cfg = load_config(args.config)
+    classifier = Classifier(args.model, backend=args.backend, num_threads=args.threads,
+                            backbone=args.backbone)
+    if args.images:
+        items = FolderSource(args.images, args.bin_map, 0,
+                             (cfg.camera.width, cfg.camera.height)).items(args.items)
+    else:
+        items = GeneratedSource(0).items(args.items)
+    result = run_simulation(cfg, items, classifier, fast=True)
+    decisions = [e.decision_ms for e in result.events]
+    frame = items[0].image
+    bare = percentiles(_time(_bare_invoke(classifier, prepare_array(frame, classifier.input_spec)),
+                             max(args.items, 50)))
+    d50, d95 = percentiles(decisions)
+    print(f"model {args.model} ({classifier.backend}, {args.threads} thread(s)), "
+          f"{len(decisions)} items, fast mechanics")
+    print(f"sensor edge -> servo command  p50 {d50:6.2f} ms  p95 {d95:6.2f} ms")
+    print(f"bare invoke() (all stages)     p50 {bare[0]:6.2f} ms  p95 {bare[1]:6.2f} ms")
+    print(f"overhead at p95: {d95 - bare[1]:+.2f} ms (goal: within +10 ms)")
+    return 0
+
+
+def run_idle(args: argparse.Namespace) -> int:
+    """CPU used by the idle service: the loop waiting for an item on simulated pins."""
+    import resource
+    import threading
+
+    from bin_controller.config import load_config
+    from bin_controller.flap import Flap
+    from bin_controller.sensors import make_sensor
+    from bin_controller.sorter import MemoryRecorder, SortingLoop
+    from hardware_sim.mechanics import SimBin, SimCamera, Timing
+    from hardware_sim.simulate import sim_config
+
+    cfg = sim_config(load_config(args.config), fast=False)
+    classifier = Classifier(args.model, backend=args.backend, num_threads=args.threads,
+                            backbone=args.backbone)
+    sim = SimBin(cfg, Timing())
+    loop = SortingLoop(config=cfg, sensor=make_sensor(cfg.sensor, sim.pin_factory),
+                       camera=SimCamera(sim), classifier=classifier,
+                       flap=Flap(cfg.flap, sim.pin_factory), recorder=MemoryRecorder())
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    time.sleep(1.0)  # past start-up
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    time.sleep(args.seconds)
+    r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    loop.stop()
+    thread.join(5)
+    sim.close()
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    print(f"idle {t1 - t0:.1f} s with sensor '{cfg.sensor.type}': CPU {cpu * 1000:.1f} ms = "
+          f"{100 * cpu / (t1 - t0):.3f} % of one core (goal: under 1 %)")
+    return 0

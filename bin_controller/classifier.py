@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from bin_controller.backends import make_interpreter
+from bin_controller.bins import BINS
 from bin_controller.bundle import Bundle, InputSpec, Label, load_bundle
 from bin_controller.errors import BundleError, SmartbinError
 from bin_controller.preprocess import load_image, prepare_array, prepare_image
@@ -100,6 +101,10 @@ class Prediction:
     top: list[tuple[Label, float]]
     latency_ms: float
     probabilities: np.ndarray
+    # The bin is decided on its own probability, the sum over its labels: an item the
+    # model splits between paper and cardboard is still confidently recyclable.
+    bin: str = ""
+    bin_confidence: float = 0.0
 
 
 class Classifier:
@@ -125,6 +130,7 @@ class Classifier:
             self.backend, interpreter = make_interpreter(backend, data, num_threads=num_threads)
             self.stages.append(_StageRunner(interpreter))
         self._check_shapes()
+        self._bin_index = np.array([BINS.index(lab.bin) for lab in self.bundle.labels])
         first = self.stages[0]
         self._to_input = _pixel_mapper(self.bundle.input, first.input_quant)
         self._between = [
@@ -188,8 +194,11 @@ class Classifier:
         labels = self.bundle.labels
         top = [(labels[i], float(probs[i])) for i in order]
         best = int(order[0])
+        bin_scores = np.bincount(self._bin_index, weights=probs, minlength=len(BINS))
+        bin_best = int(np.argmax(bin_scores))
         latency = (time.perf_counter() - started) * 1000
-        return Prediction(labels[best], best, float(probs[best]), top, latency, probs)
+        return Prediction(labels[best], best, float(probs[best]), top, latency, probs,
+                          BINS[bin_best], float(bin_scores[bin_best]))
 
     def classify_array(self, rgb: np.ndarray) -> Prediction:
         """Classify a camera frame: uint8 [H, W, 3] in RGB order."""

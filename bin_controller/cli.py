@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from bin_controller import __version__
 from bin_controller.errors import SmartbinError
@@ -46,8 +47,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
             "image": image,
             "label": p.label.name,
             "label_en": p.label.name_en,
-            "bin": p.label.bin,
+            "bin": p.bin,
             "confidence": round(p.confidence, 4),
+            "bin_confidence": round(p.bin_confidence, 4),
             "top": [{"label": lab.name, "label_en": lab.name_en, "score": round(s, 4)}
                     for lab, s in p.top],
             "latency_ms": round(p.latency_ms, 2),
@@ -56,7 +58,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(record, ensure_ascii=False), flush=True)
         else:
-            print(f"{image}: {p.label.name_en or p.label.name} -> {p.label.bin} "
+            print(f"{image}: {p.label.name_en or p.label.name} -> {p.bin} "
                   f"({p.confidence:.1%}, {p.latency_ms:.1f} ms, {classifier.backend})")
     return 1 if failures else 0
 
@@ -64,7 +66,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from bin_controller import bench
 
-    return bench.run(args)
+    return getattr(bench, args.bench_fn)(args)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -83,6 +85,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return service.run(args)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from training import train
+
+    if args.method == "keras":
+        try:
+            from training import keras_method
+        except ImportError as exc:
+            raise SmartbinError(f"--method keras needs TensorFlow: pip install -e '.[train]' "
+                                f"({exc})") from exc
+        return keras_method.run(args)
+    hyper = train.Hyper(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                        dropout=args.dropout, seed=args.seed)
+    train.train_features(args.data, args.out, bin_map=args.bins, backbone=args.backbone,
+                         hyper=hyper, search=not args.no_search)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate
+
+    report = evaluate(args.model, args.data, split=args.split, out=args.out,
+                      backbone=args.backbone, backend=args.backend)
+    print(f"{report['model']} on {report['split']} (n={report['n']}): top-1 "
+          f"{report['top1']:.2%}, top-5 {report['top5']:.2%}, bin accuracy "
+          f"{report['bin_accuracy']:.2%}, latency p50 {report['latency_ms']['p50']} ms"
+          + (f"; report in {args.out}" if args.out else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartbin", description="Smart waste bin controller")
     parser.add_argument("--version", action="version", version=f"smartbin {__version__}")
@@ -98,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the bin on its hardware")
     p.add_argument("--config", default=None, help="TOML configuration file")
     p.add_argument("--bin-id", default=None, help="override bin.id")
+    p.add_argument("--mqtt", metavar="HOST[:PORT]", help="publish to this MQTT broker")
+    p.add_argument("--state-dir", type=Path, help="override bin.state_dir")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("simulate", help="run the whole bin on simulated hardware")
@@ -105,6 +138,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("train", help="train a bundle from a folder of labelled photos")
+    p.add_argument("--data", type=Path, required=True,
+                   help="class subfolders, or train/ val/ test/ holding them")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--bins", type=Path, help="JSON class -> bin (default: name prefixes)")
+    p.add_argument("--method", choices=("features", "keras"), default="features")
+    p.add_argument("--strategy", choices=("connect", "140after", "all"), default="connect",
+                   help="keras method: which layers train (the study's three)")
+    p.add_argument("--backbone", help="backbone file or URL (default: the official "
+                                      "MobileNetV2 download, or $SMARTBIN_BACKBONE)")
+    p.add_argument("--weights", help="keras method: local ImageNet weights file "
+                                     "(default: download; 'none' for random)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-search", action="store_true",
+                   help="features method: train only the study's head, no variants")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="measure a bundle on labelled photos")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
+    p.add_argument("--out", type=Path, help="write report.json, report.md and plots here")
+    p.add_argument("--backbone")
+    p.add_argument("--backend", default="auto")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="benchmarks that print numbers")
     bench_sub = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
@@ -115,7 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--thread-counts", default="1,2", help="comma list (default 1,2)")
     b.add_argument("--backends", default=None,
                    help="comma list (default: every backend importable here)")
-    b.set_defaults(func=cmd_bench)
+    b.set_defaults(func=cmd_bench, bench_fn="run")
+    b = bench_sub.add_parser("cycle", help="sensor edge to servo command, fast simulator")
+    _add_model_options(b)
+    b.add_argument("--config", type=Path)
+    b.add_argument("--items", type=int, default=200)
+    b.add_argument("--images", type=Path, help="folder of class subfolders (default: generated)")
+    b.add_argument("--bin-map", type=Path)
+    b.set_defaults(func=cmd_bench, bench_fn="run_cycle")
+    b = bench_sub.add_parser("idle", help="CPU use of the idle service")
+    _add_model_options(b)
+    b.add_argument("--config", type=Path)
+    b.add_argument("--seconds", type=float, default=30.0)
+    b.set_defaults(func=cmd_bench, bench_fn="run_idle")
     return parser
 
 

@@ -145,6 +145,37 @@ class LoopSection:
 
 
 @dataclass
+class StoreSection:
+    synchronous: str = _opt("full", "SQLite durability: full survives a power cut; normal only "
+                                    "a crash of the service.", choices=("full", "normal"))
+    journal_keep: int = _opt(100_000, "Items kept in the journal (older ones are pruned).",
+                             min=100, max=10_000_000)
+    outbox_max: int = _opt(100_000, "Undelivered MQTT messages kept while the broker is away; "
+                                    "when full the oldest event messages are dropped (counts "
+                                    "stay exact).", min=100, max=10_000_000)
+
+
+@dataclass
+class MqttSection:
+    enabled: bool = _opt(False, "Publish over MQTT (smartbin run/simulate --mqtt also sets it).")
+    host: str = _opt("localhost", "Broker host.")
+    port: int = _opt(1883, "Broker port (8883 is usual for TLS).", min=1, max=65535)
+    prefix: str = _opt("smartbin", "Topic prefix; topics are <prefix>/<bin id>/...")
+    keepalive_s: int = _opt(30, "MQTT keepalive.", min=5, max=3600)
+    username: str = _opt("", "Username (empty: none).")
+    password_file: str = _opt("", "File holding the password; else the systemd credential "
+                                  "mqtt_password when present.")
+    tls: bool = _opt(False, "Connect with TLS.")
+    ca_file: str = _opt("", "CA certificate (PEM) for TLS; empty: the system's.")
+    cert_file: str = _opt("", "Client certificate (PEM) for TLS client authentication.")
+    key_file: str = _opt("", "Client key (PEM).")
+    discovery: bool = _opt(True, "Publish Home Assistant MQTT discovery.")
+    discovery_prefix: str = _opt("homeassistant", "Home Assistant discovery prefix.")
+    stats_interval_s: float = _opt(60.0, "Seconds between stats messages.", min=1.0,
+                                   max=3600.0)
+
+
+@dataclass
 class Config:
     bin: BinSection = field(default_factory=BinSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -154,6 +185,8 @@ class Config:
     flap: FlapSection = field(default_factory=FlapSection)
     gate: GateSection = field(default_factory=GateSection)
     loop: LoopSection = field(default_factory=LoopSection)
+    store: StoreSection = field(default_factory=StoreSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
 
 
 # --------------------------------------------------------------------------- validation
@@ -232,6 +265,14 @@ def _cross_checks(cfg: Config) -> None:
         if not cfg.flap.min_angle <= a <= cfg.flap.max_angle:
             raise ConfigError(f"flap.angles.{b} = {a}: outside min_angle..max_angle "
                               f"({cfg.flap.min_angle}..{cfg.flap.max_angle})")
+    for name in ("prefix", "discovery_prefix"):
+        value = getattr(cfg.mqtt, name)
+        if not value or any(ch in value for ch in "#+") or value.startswith("/") \
+                or value.endswith("/"):
+            raise ConfigError(f"mqtt.{name} = {value!r}: must be a topic path without "
+                              "wildcards or leading/trailing '/'")
+    if cfg.mqtt.tls and bool(cfg.mqtt.cert_file) != bool(cfg.mqtt.key_file):
+        raise ConfigError("mqtt.cert_file and mqtt.key_file go together")
     if cfg.flap.min_pulse_s >= cfg.flap.max_pulse_s:
         raise ConfigError("flap.min_pulse_s must be smaller than flap.max_pulse_s")
     if cfg.sensor.type == "ultrasonic" and \

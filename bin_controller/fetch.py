@@ -81,13 +81,7 @@ def download(remote: RemoteFile, target: Path) -> bytes:
     )
     if os.environ.get(ENV_OFFLINE) == "1":
         raise BundleError(f"{remote.member} is not cached and {ENV_OFFLINE}=1: {how}")
-    try:
-        with urllib.request.urlopen(remote.url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
-            payload = resp.read()
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise BundleError(f"cannot download {remote.url} ({reason}): {how}") from exc
-    data = _extract(payload, remote)
+    data = fetch_bytes(remote, how)
     if sha256_bytes(data) != remote.sha256:
         raise BundleError(
             f"downloaded {remote.member} has sha256 {sha256_bytes(data)[:12]}…, expected "
@@ -102,6 +96,18 @@ def download(remote: RemoteFile, target: Path) -> bytes:
     except OSError:
         pass  # a read-only cache still lets this run proceed with the verified bytes
     return data
+
+
+def fetch_bytes(remote: RemoteFile, how: str = "") -> bytes:
+    """The member file at remote.url, unverified (the caller checks or records its sha256)."""
+    try:
+        with urllib.request.urlopen(remote.url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+            payload = resp.read()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise BundleError(f"cannot download {remote.url} ({reason})"
+                          + (f": {how}" if how else "")) from exc
+    return _extract(payload, remote)
 
 
 def _extract(payload: bytes, remote: RemoteFile) -> bytes:

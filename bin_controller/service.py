@@ -9,13 +9,14 @@ import threading
 from contextlib import ExitStack
 from typing import Any
 
+from bin_controller.app import apply_overrides, attach, open_store
 from bin_controller.classifier import Classifier
 from bin_controller.config import Config, load_config
 from bin_controller.errors import SmartbinError
 from bin_controller.flap import Flap, Gate
 from bin_controller.pins import make_pin_factory
 from bin_controller.sensors import make_sensor
-from bin_controller.sorter import MemoryRecorder, SortingLoop
+from bin_controller.sorter import SortingLoop
 
 log = logging.getLogger("smartbin")
 
@@ -41,16 +42,19 @@ def build_loop(cfg: Config, stack: ExitStack, *, camera: Any = None,
     if cfg.gate.enabled:
         gate = Gate(cfg.gate, factory)
         stack.callback(gate.close)
+    store = open_store(cfg)
+    stack.callback(store.close)
     return SortingLoop(config=cfg, sensor=sensor, camera=camera, classifier=classifier,
-                       flap=flap, recorder=MemoryRecorder(), gate=gate)
+                       flap=flap, recorder=store, gate=gate)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
-    if getattr(args, "bin_id", None):
-        cfg.bin.id = args.bin_id
+    cfg = apply_overrides(load_config(args.config), args)
     with ExitStack() as stack:
         loop = build_loop(cfg, stack)
+        telemetry = attach(cfg, loop, loop.recorder)
+        if telemetry is not None:
+            stack.callback(telemetry.stop)
         stopping = threading.Event()
 
         def on_signal(signum: int, _frame: Any) -> None:

@@ -45,7 +45,7 @@ class SortEvent:
     bin: str
     label: str | None
     label_en: str | None
-    confidence: float | None
+    confidence: float | None  # of the label
     uncertain: bool
     failed: bool
     forced: bool
@@ -54,6 +54,7 @@ class SortEvent:
     model: str
     model_version: str
     error: str | None = None
+    bin_confidence: float | None = None  # of the bin: the sum over its labels
     seq: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,7 +141,10 @@ class SortingLoop:
                 done.put((False, exc))
 
         self._wake.put(("call", call))
-        ok, value = done.get(timeout=timeout)
+        try:
+            ok, value = done.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"the bin is busy ({self.state}); try again") from None
         if not ok:
             raise value
         return value
@@ -175,6 +179,22 @@ class SortingLoop:
             return target
 
         return self._submit(move)
+
+    def replace_classifier(self, classifier: Any) -> Any:
+        """Swap the model between items; returns the old one."""
+
+        def swap() -> Any:
+            old, self.classifier = self.classifier, classifier
+            return old
+
+        return self._submit(swap, timeout=120)
+
+    def status(self) -> dict[str, Any]:
+        bundle = self.classifier.bundle
+        return {"paused": self._paused, "model": bundle.name, "model_version": bundle.version,
+                "backend": getattr(self.classifier, "backend", ""),
+                "faults": dict(self.fault_counts),
+                "last_fault": self.faults[-1].detail if self.faults else None}
 
     def stop(self) -> None:
         self._stop.set()
@@ -272,13 +292,6 @@ class SortingLoop:
             prediction, error = self._attempt(
                 "classifier", lambda: self.classifier.classify_array(np.asarray(frame)))
         bin_name, uncertain, forced = self._decide(prediction)
-        self._set_state(State.SORTING, bin_name)
-        commanded: list[float] = []
-        self._edges = edges = []
-        try:
-            self.flap.sort(bin_name, on_commanded=lambda: commanded.append(time.monotonic()))
-        finally:
-            self._edges = None
         bundle = self.classifier.bundle
         event = SortEvent(
             time=time.time(),
@@ -286,16 +299,31 @@ class SortingLoop:
             label=prediction.label.name if prediction else None,
             label_en=prediction.label.name_en if prediction else None,
             confidence=round(prediction.confidence, 4) if prediction else None,
+            bin_confidence=round(prediction.bin_confidence, 4) if prediction else None,
             uncertain=uncertain,
             failed=prediction is None,
             forced=forced,
-            cycle_ms=round((time.monotonic() - edge) * 1000, 2),
-            decision_ms=round(((commanded[0] if commanded else time.monotonic()) - edge)
-                              * 1000, 2),
+            cycle_ms=0.0,
+            decision_ms=0.0,
             model=bundle.name,
             model_version=bundle.version,
             error=error,
         )
+        # Journalled as pending before the flap moves: a crash from here on is resolved
+        # on restart by whether the item is still on the flap (see store.py).
+        begin = getattr(self.recorder, "begin", None)
+        if begin:
+            event = begin(event)
+        self._set_state(State.SORTING, bin_name)
+        commanded: list[float] = []
+        self._edges = edges = []
+        try:
+            self.flap.sort(bin_name, on_commanded=lambda: commanded.append(time.monotonic()))
+        finally:
+            self._edges = None
+        event.decision_ms = round(((commanded[0] if commanded else time.monotonic()) - edge)
+                                  * 1000, 2)
+        event.cycle_ms = round((time.monotonic() - edge) * 1000, 2)
         self._emit(event)
         left = False in edges
         # Each clear after the first is another item that fell onto the tipped flap and
@@ -335,6 +363,6 @@ class SortingLoop:
             return forced_bin, False, True
         if prediction is None:
             return self.cfg.model.fallback_bin, False, False
-        if prediction.confidence < self.cfg.model.confidence_threshold:
+        if prediction.bin_confidence < self.cfg.model.confidence_threshold:
             return self.cfg.model.fallback_bin, True, False
-        return prediction.label.bin, False, False
+        return prediction.bin, False, False

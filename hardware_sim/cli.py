@@ -6,8 +6,11 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
+from bin_controller.app import apply_overrides, attach, open_store
 from bin_controller.bins import BINS
 from bin_controller.classifier import Classifier
 from bin_controller.config import load_config
@@ -48,6 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slow", help="ITEM[:SECONDS],... a slow classifier for an item")
     p.add_argument("--double-drop", help="item numbers followed by a second item mid-sort")
     p.add_argument("--quiet", action="store_true", help="only the summary")
+    p.add_argument("--mqtt", metavar="HOST[:PORT]", help="publish to this MQTT broker")
+    p.add_argument("--bin-id", help="bin id in topics (default: the host name)")
+    p.add_argument("--state-dir", type=Path,
+                   help="count database folder (default: a fresh temporary folder)")
+    p.add_argument("--pace", type=float, default=0.0,
+                   help="seconds between one item landing and the next drop")
+    p.add_argument("--drain-s", type=float, default=30.0,
+                   help="at the end, wait up to this long for the broker to take every event")
 
 
 def _line(item: SimItem) -> str:
@@ -73,7 +84,7 @@ def _line(item: SimItem) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.items < 1:
         raise SmartbinError("--items must be 1 or more")
-    cfg = load_config(args.config)
+    cfg = apply_overrides(load_config(args.config), args)
     model = args.model or cfg.model.bundle
     classifier = Classifier(model, backend=cfg.model.backend, num_threads=cfg.model.threads,
                             backbone=args.backbone or cfg.model.backbone or None)
@@ -95,10 +106,35 @@ def run(args: argparse.Namespace) -> int:
           f"({classifier.backend}), {'fast' if args.fast else 'real-time'} mechanics",
           flush=True)
     on_item = None if args.quiet else (lambda item: print(_line(item), flush=True))
-    result = run_simulation(cfg, items, classifier, fast=args.fast, faults=faults,
-                            on_item=on_item)
+    with ExitStack() as stack:
+        state_dir = args.state_dir or stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="smartbin-sim-"))
+        store = open_store(cfg, state_dir)
+        stack.callback(store.close)
+        telemetry: list = []
+
+        def on_loop(loop) -> None:
+            t = attach(cfg, loop, store)
+            if t is not None:
+                telemetry.append(t)
+
+        # With a kept state folder the simulated world is kept beside the counts, so a
+        # killed and restarted run finds items where they were.
+        world = Path(state_dir) / "sim-world" if args.state_dir else None
+        result = run_simulation(cfg, items, classifier, fast=args.fast, faults=faults,
+                                on_item=on_item, recorder=store, on_loop=on_loop,
+                                world=world, pace_s=args.pace)
+        counts = store.snapshot()
+        if telemetry:
+            drained = telemetry[0].drain(args.drain_s)
+            telemetry[0].stop()
+            if not drained:
+                print(f"warning: {store.outbox_size()} events still wait for the broker at "
+                      f"{cfg.mqtt.host}:{cfg.mqtt.port}; they stay in {store.path}",
+                      file=sys.stderr)
     report = result.report()
-    report.update(model=model, backend=classifier.backend, source=source.name, seed=args.seed)
+    report.update(model=model, backend=classifier.backend, source=source.name, seed=args.seed,
+                  stored_counts=counts)
     print()
     print(f"{'bin':12} {'routed':>7} {'truth':>7}")
     for b in BINS:

@@ -10,10 +10,13 @@ it fell into. Timing is realistic by default and zero in fast mode.
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +50,11 @@ class SimItem:
     compartment: str | None = None  # where it landed; "removed" when cleared by hand
     passed_unsorted: bool = False
     events: list[Any] = field(default_factory=list)
+    uid: str = ""  # unique across runs (the world file outlives a controller)
+
+    def __post_init__(self) -> None:
+        if not self.uid:
+            self.uid = f"{os.getpid()}-{time.time_ns()}-{self.id}"
 
 
 class _ObservedPWMPin(MockPWMPin):
@@ -109,9 +117,11 @@ class _Servo:
 class SimBin:
     """The physical bin behind the mock pins."""
 
-    def __init__(self, cfg: Config, timing: Timing | None = None) -> None:
+    def __init__(self, cfg: Config, timing: Timing | None = None,
+                 world: Path | None = None) -> None:
         self.cfg = cfg
         self.timing = timing or Timing()
+        self.world = world
         self.pin_factory = MockFactory(pin_class=_ObservedPWMPin)
         self._lock = threading.RLock()
         self.platform: list[SimItem] = []
@@ -123,6 +133,7 @@ class SimBin:
         self._timers: list[threading.Timer] = []
         self._leave_timer: threading.Timer | None = None
         self._passing = 0
+        self._sliding: list[SimItem] = []
         f = cfg.flap
         self.flap = _Servo(f.min_angle, f.max_angle, f.min_pulse_s, f.max_pulse_s,
                            self.timing.servo_deg_per_s, f.rest_angle)
@@ -132,6 +143,50 @@ class SimBin:
         flap_pin.observer = self._flap_changed
         if cfg.gate.enabled:
             self.pin_factory.pin(cfg.gate.pin).observer = self._gate_changed
+        self.landed_before: list[dict] = []
+        if world is not None:
+            self._load_world()
+
+    # ------------------------------------------------------------------ persistence
+    # The physical world outlives the controller: with a world folder, what lies on the
+    # flap and what has landed are saved atomically on every change, so a controller that
+    # is killed and restarted finds the bin as it was.
+
+    def _load_world(self) -> None:
+        state = self.world / "world.json"
+        if not state.is_file():
+            return
+        data = json.loads(state.read_text())
+        self.landed_before = data["landed"]
+        for entry in data["platform"]:
+            image = np.load(self.world / "items" / f"{entry['uid']}.npy")
+            item = SimItem(entry["id"], entry["true_class"], entry["true_bin"], image,
+                           label_en=entry["label_en"], uid=entry["uid"])
+            self.platform.append(item)
+        self._update_sensor()
+
+    def remember(self, item: SimItem) -> None:
+        """Keep a dropped item's photo so that a restarted controller can still see it."""
+        if self.world is not None:
+            (self.world / "items").mkdir(parents=True, exist_ok=True)
+            np.save(self.world / "items" / f"{item.uid}.npy", item.image)
+
+    def _save_world(self) -> None:
+        if self.world is None:
+            return
+        data = {
+            "platform": [{"id": i.id, "uid": i.uid, "true_class": i.true_class,
+                          "true_bin": i.true_bin, "label_en": i.label_en}
+                         for i in self.platform],
+            "landed": self.landed_before + [{"uid": i.uid, "compartment": i.compartment,
+                                             "true_bin": i.true_bin} for i in self.landed],
+        }
+        tmp = self.world / "world.json.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.world / "world.json")
 
     # ------------------------------------------------------------------ sensor side
 
@@ -207,6 +262,7 @@ class SimBin:
                 self._after(self.timing.slide_s, lambda: self._pass_done(item))
                 return
             self.platform.append(item)
+            self._save_world()
             self._update_sensor()
 
     def _pass_done(self, item: SimItem) -> None:
@@ -238,6 +294,7 @@ class SimBin:
         with self._lock:
             leaving = [i for i in self.platform if not i.jam]
             self.platform = [i for i in self.platform if i.jam]
+            self._sliding = leaving
             self._update_sensor()
         for item in leaving:
             self._after(self.timing.slide_s, lambda item=item: self._land(item))
@@ -249,6 +306,9 @@ class SimBin:
         item.compartment = min(angles, key=lambda b: abs(angles[b] - angle))
         with self._lock:
             self.landed.append(item)
+            if item in self._sliding:
+                self._sliding.remove(item)
+            self._save_world()
         for cb in self.on_land:
             cb(item)
 
@@ -272,6 +332,7 @@ class SimBin:
             for item in stuck:
                 item.compartment = "removed"
                 self.landed.append(item)
+            self._save_world()
             self._update_sensor()
         return stuck
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,10 @@ class _SlowClassifier:
     @property
     def bundle(self):
         return self.inner.bundle
+
+    @property
+    def backend(self) -> str:
+        return getattr(self.inner, "backend", "")
 
     def classify_array(self, frame: np.ndarray):
         if self.delay_s:
@@ -123,11 +128,13 @@ def run_simulation(
     on_item=None,
     on_loop=None,
     item_timeout_s: float = 60.0,
+    world: Path | None = None,
+    pace_s: float = 0.0,
 ) -> SimResult:
     """Drop the items one after another (as a person would) and wait for each to land."""
     faults = faults or Faults()
     cfg = sim_config(cfg, fast)
-    sim = SimBin(cfg, timing or (Timing.fast() if fast else Timing()))
+    sim = SimBin(cfg, timing or (Timing.fast() if fast else Timing()), world=world)
     recorder = recorder or MemoryRecorder()
     sensor = make_sensor(cfg.sensor, sim.pin_factory)
     flap = Flap(cfg.flap, sim.pin_factory)
@@ -185,6 +192,10 @@ def run_simulation(
                     sim.drop(second)
 
                 sim.on_tip.append(drop_second)
+            for dropped in batch:
+                sim.remember(dropped)
+            if pace_s:
+                time.sleep(pace_s)  # the next person walks up to the bin
             sim.drop(item)
             if item.jam:
                 _clear_jam_when_reported(loop, sim, faults.jam_clear_s, changed, item_timeout_s)

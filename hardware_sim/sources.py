@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from bin_controller.bins import BINS, bin_from_prefix
-from bin_controller.errors import SmartbinError
+from bin_controller.errors import ImageError, SmartbinError
 from bin_controller.preprocess import load_image
 from hardware_sim import items
 from hardware_sim.mechanics import SimItem
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
@@ -80,13 +82,18 @@ class FolderSource:
         self.rng = np.random.default_rng(seed)
         self.frame = frame
 
-    def pick(self, n: int) -> list[tuple[Path, str]]:
-        idx = self.rng.permutation(len(self.photos))[: min(n, len(self.photos))]
-        return [self.photos[i] for i in idx]
-
     def items(self, n: int) -> list[SimItem]:
-        out = []
-        for i, (path, cls) in enumerate(self.pick(n)):
-            image = load_image(path).resize(self.frame, Image.Resampling.BILINEAR)
-            out.append(SimItem(i + 1, cls, self.bins[cls], np.asarray(image), label_en=cls))
+        """n photos drawn without replacement; unreadable files are skipped with a warning."""
+        out: list[SimItem] = []
+        for i in self.rng.permutation(len(self.photos)):
+            if len(out) == n:
+                break
+            path, cls = self.photos[i]
+            try:
+                image = load_image(path).resize(self.frame, Image.Resampling.BILINEAR)
+            except ImageError as exc:
+                log.warning("skipped %s", exc)
+                continue
+            out.append(SimItem(len(out) + 1, cls, self.bins[cls], np.asarray(image),
+                               label_en=cls))
         return out

@@ -66,7 +66,10 @@ def train_head(
     rng = np.random.default_rng(seed)
     x = x.astype(np.float32)
     mean = x.mean(0)
-    std = x.std(0) + 1e-3
+    # A near-constant feature would get a huge folded weight, and one huge weight ruins
+    # the per-tensor int8 scale of the whole layer: floor the scaling.
+    spread = x.std(0)
+    std = np.maximum(spread, 0.1 * float(np.median(spread)) + 1e-6)
     xs = (x - mean) / std
     xv = None if x_val is None else ((x_val.astype(np.float32) - mean) / std)
     dims = [x.shape[1], *([hidden] if hidden else []), n_classes]
@@ -88,30 +91,38 @@ def train_head(
             idx = order[start : start + batch_size]
             a = xs[idx]
             if dropout > 0:
-                a = a * (rng.random(a.shape) >= dropout) / (1 - dropout)
+                a = a * ((rng.random(a.shape, dtype=np.float32) >= dropout)
+                         * np.float32(1 / (1 - dropout)))
             acts = [a]
             for layer in layers:
                 z = acts[-1] @ layer.weight.T + layer.bias
-                acts.append(np.maximum(z, 0) if layer.relu else z)
+                if layer.relu:
+                    z = np.maximum(z, 0)
+                    if dropout > 0:  # dropout again before the output layer
+                        z = z * ((rng.random(z.shape, dtype=np.float32) >= dropout)
+                                 * np.float32(1 / (1 - dropout)))
+                acts.append(z)
             p = softmax(acts[-1])
             t = onehot[y[idx]]
             total += float(-np.log(np.clip(p[np.arange(len(idx)), y[idx]], 1e-12, 1)).sum())
-            grad = (p - t) / len(idx)
+            grad = ((p - t) / len(idx)).astype(np.float32)
             grads = []
             for li in range(len(layers) - 1, -1, -1):
                 layer = layers[li]
-                gw = grad.T @ acts[li] + weight_decay * layer.weight
+                gw = grad.T @ acts[li] + np.float32(weight_decay) * layer.weight
                 gb = grad.sum(0)
                 grads[:0] = [gw, gb]
                 if li:
-                    grad = (grad @ layer.weight) * (acts[li] > 0)
+                    # Through relu and dropout: kept units pass the gradient, scaled.
+                    keep = np.float32(1 / (1 - dropout)) if dropout > 0 else np.float32(1)
+                    grad = (grad @ layer.weight) * (acts[li] > 0) * keep
             step += 1
             for i, (p_, g) in enumerate(zip(params, grads, strict=True)):
                 m[i] = beta1 * m[i] + (1 - beta1) * g
                 v[i] = beta2 * v[i] + (1 - beta2) * g * g
                 mh = m[i] / (1 - beta1**step)
                 vh = v[i] / (1 - beta2**step)
-                p_ -= lr * mh / (np.sqrt(vh) + eps)
+                p_ -= (lr * mh / (np.sqrt(vh) + eps)).astype(np.float32)
         record = {"epoch": epoch + 1, "loss": total / len(xs),
                   "train_acc": _accuracy(layers, xs, y)}
         if xv is not None and y_val is not None:
@@ -127,3 +138,24 @@ def train_head(
     folded_b = first.bias - folded_w @ mean
     layers[0] = Dense(folded_w.astype(np.float32), folded_b.astype(np.float32), first.relu)
     return HeadResult(layers, history)
+
+
+def ensemble(members: list[list[Dense]]) -> list[Dense]:
+    """K heads as one: averaging their logits is exact and costs one wider layer.
+
+    Linear heads merge into one dense layer; two-layer heads concatenate their hidden
+    units and average through the output layer.
+    """
+    k = len(members)
+    if k == 1:
+        return members[0]
+    if all(len(m) == 1 for m in members):
+        return [Dense(np.mean([m[0].weight for m in members], 0),
+                      np.mean([m[0].bias for m in members], 0))]
+    if not all(len(m) == 2 for m in members):
+        raise ValueError("can only merge heads of one or two layers")
+    hidden = Dense(np.concatenate([m[0].weight for m in members]),
+                   np.concatenate([m[0].bias for m in members]), relu=True)
+    out = Dense(np.concatenate([m[1].weight for m in members], axis=1) / k,
+                np.mean([m[1].bias for m in members], 0))
+    return [hidden, out]

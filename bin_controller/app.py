@@ -1,0 +1,58 @@
+"""The bin as one object: loop, store and telemetry wired together, for run and simulate."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from bin_controller.commands import make_dispatcher
+from bin_controller.config import Config
+from bin_controller.sorter import SortingLoop
+from bin_controller.store import Store
+from bin_controller.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+def open_store(cfg: Config, state_dir: str | Path | None = None) -> Store:
+    return Store(state_dir or cfg.bin.state_dir, synchronous=cfg.store.synchronous.upper(),
+                 journal_keep=cfg.store.journal_keep, outbox_max=cfg.store.outbox_max)
+
+
+def attach(cfg: Config, loop: SortingLoop, store: Store) -> Telemetry | None:
+    """Recover a cycle cut short by a crash, then connect telemetry when enabled."""
+    for event in store.recover(item_still_present=loop.sensor.present):
+        log.info("recovered item #%d (%s)", event.seq, event.bin)
+    if not cfg.mqtt.enabled:
+        return None
+    telemetry: Telemetry | None = None
+
+    def counts_changed() -> None:
+        if telemetry is not None and telemetry.connected.is_set():
+            telemetry.publish_counts()
+
+    telemetry = Telemetry(cfg.mqtt, bin_id=cfg.bin.id, store=store,
+                          commands=make_dispatcher(cfg, loop, store, counts_changed),
+                          status=loop.status)
+    loop.on_event.append(telemetry.on_event)
+    loop.on_state.append(telemetry.on_state)
+    loop.on_fault.append(telemetry.on_fault)
+    telemetry.start()
+    return telemetry
+
+
+def apply_overrides(cfg: Config, args: Any) -> Config:
+    """--mqtt HOST[:PORT], --bin-id and --state-dir from the command line."""
+    from bin_controller.telemetry import parse_host
+
+    if getattr(args, "mqtt", None):
+        host, port = parse_host(args.mqtt)
+        cfg.mqtt.enabled, cfg.mqtt.host = True, host
+        if port:
+            cfg.mqtt.port = port
+    if getattr(args, "bin_id", None):
+        cfg.bin.id = args.bin_id
+    if getattr(args, "state_dir", None):
+        cfg.bin.state_dir = str(args.state_dir)
+    return cfg

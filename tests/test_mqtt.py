@@ -1,0 +1,274 @@
+"""Telemetry and commands against a real mosquitto on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bin_controller.app import attach, open_store
+from bin_controller.bins import BINS
+from bin_controller.classifier import Classifier
+from bin_controller.config import config_from_dict
+from hardware_sim.simulate import run_simulation
+from hardware_sim.sources import GeneratedSource
+from tests.broker import Broker, Listener, request
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return Classifier("demo")
+
+
+def mqtt_cfg(port: int, bin_id: str = "t1", **extra):
+    return config_from_dict({"bin": {"id": bin_id},
+                             "mqtt": {"enabled": True, "host": "127.0.0.1", "port": port,
+                                      "stats_interval_s": 1.0, **extra}})
+
+
+def run_bin(cfg, demo, tmp_path, n, *, on_item=None, seed=0, drain_s=30):
+    store = open_store(cfg, tmp_path / "state")
+    telemetry = []
+    result = run_simulation(cfg, GeneratedSource(seed).items(n), demo, fast=True,
+                            recorder=store, on_item=on_item,
+                            on_loop=lambda loop: telemetry.append(attach(cfg, loop, store)))
+    drained = telemetry[0].drain(drain_s)
+    telemetry[0].stop()
+    counts = store.snapshot()
+    store.close()
+    return result, drained, counts
+
+
+def event_seqs(listener, base="smartbin/t1"):
+    return sorted({json.loads(p)["seq"] for p in listener.payloads(f"{base}/event")})
+
+
+def test_counts_events_state_and_stats_arrive(broker, demo, tmp_path):
+    listener = Listener(broker.port)
+    _result, drained, counts = run_bin(mqtt_cfg(broker.port), demo, tmp_path, 10)
+    assert drained
+    assert listener.wait_for(lambda li: len(event_seqs(li)) == 10)
+    assert event_seqs(listener) == list(range(1, 11))
+    events = [json.loads(p) for p in listener.payloads("smartbin/t1/event")]
+    assert {e["bin"] for e in events} <= set(BINS) and all(e["label"] for e in events)
+    retained = json.loads(listener.retained["smartbin/t1/counts"])
+    assert retained["total"] == 10 == sum(retained[b] for b in BINS)
+    assert retained == counts
+    for b in BINS:
+        assert int(listener.retained[f"smartbin/t1/counts/{b}"]) == counts[b]
+    assert listener.retained["smartbin/t1/availability"] == b"offline"  # stopped cleanly
+    assert json.loads(listener.retained["smartbin/t1/state"])["state"] == "idle"
+    listener.close()
+
+
+def test_broker_outage_mid_run_loses_nothing(broker, demo, tmp_path):
+    listener = Listener(broker.port)
+    outage = {}
+
+    def on_item(item):
+        if item.id == 5:
+            broker.stop()  # the network goes away for a while
+        if item.id == 15:
+            outage["queued"] = store_size(tmp_path)
+            broker.start()
+
+    _result, drained, _counts = run_bin(mqtt_cfg(broker.port), demo, tmp_path, 25,
+                                      on_item=on_item)
+    assert outage["queued"] >= 9  # events waited in the outbox
+    assert drained
+    assert listener.wait_for(lambda li: len(event_seqs(li)) == 25, timeout=30), \
+        event_seqs(listener)
+    assert event_seqs(listener) == list(range(1, 26))  # no gap, whatever the order
+    assert listener.wait_for(
+        lambda li: json.loads(li.retained.get("smartbin/t1/counts", b"{}")).get("total") == 25), \
+        listener.payloads("smartbin/t1/counts")
+    listener.close()
+
+
+def store_size(tmp_path) -> int:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "state" / "smartbin.db")
+    try:
+        return db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_outbox_survives_a_restart_without_broker(broker, demo, tmp_path):
+    """Events sorted while the broker is away are delivered by the next run."""
+    broker.stop()
+    cfg = mqtt_cfg(broker.port)
+    _, drained, counts = run_bin(cfg, demo, tmp_path, 4, drain_s=1)
+    assert not drained and counts["total"] == 4
+    broker.start()
+    listener = Listener(broker.port)
+    _, drained, counts = run_bin(mqtt_cfg(broker.port), demo, tmp_path, 3, seed=1)
+    assert drained and counts["total"] == 7
+    assert listener.wait_for(lambda li: len(event_seqs(li)) == 7)
+    assert event_seqs(listener) == list(range(1, 8))
+    listener.close()
+
+
+def test_discovery_payloads(broker, demo, tmp_path):
+    listener = Listener(broker.port, topic="homeassistant/#", client_id="ha")
+    run_bin(mqtt_cfg(broker.port), demo, tmp_path, 1)
+    assert listener.wait_for(lambda li: len(li.retained) >= 9)
+    configs = {t: json.loads(p) for t, p in listener.retained.items() if t.endswith("/config")}
+    for b in BINS:
+        conf = configs[f"homeassistant/sensor/smartbin_t1/count_{b}/config"]
+        assert conf["state_class"] == "total_increasing"
+        assert conf["state_topic"] == f"smartbin/t1/counts/{b}"
+    for conf in configs.values():
+        assert {"name", "unique_id", "device", "state_topic"} <= set(conf)
+        assert conf["device"]["identifiers"] == ["smartbin_t1"]
+    names = {c["name"] for c in configs.values()}
+    assert {"Items sorted", "Last item", "Last bin", "State", "Online"} <= names
+    assert all("availability_topic" in c for t, c in configs.items() if "/sensor/" in t)
+    listener.close()
+
+
+class _Bin:
+    """A running simulated bin with telemetry, for command tests."""
+
+    def __init__(self, port, demo, tmp_path):
+        import threading
+
+        from bin_controller.flap import Flap
+        from bin_controller.sensors import make_sensor
+        from bin_controller.sorter import SortingLoop
+        from hardware_sim.mechanics import SimBin, SimCamera, Timing
+        from hardware_sim.simulate import sim_config
+
+        self.cfg = sim_config(mqtt_cfg(port), fast=True)
+        self.sim = SimBin(self.cfg, Timing.fast())
+        self.store = open_store(self.cfg, tmp_path / "state")
+        self.loop = SortingLoop(config=self.cfg,
+                                sensor=make_sensor(self.cfg.sensor, self.sim.pin_factory),
+                                camera=SimCamera(self.sim), classifier=demo,
+                                flap=Flap(self.cfg.flap, self.sim.pin_factory),
+                                recorder=self.store)
+        self.telemetry = attach(self.cfg, self.loop, self.store)
+        self.thread = threading.Thread(target=self.loop.run, daemon=True)
+        self.thread.start()
+        assert self.telemetry.connected.wait(10)
+        self.port = port
+
+    def cmd(self, name, payload):
+        raw = request(self.port, f"smartbin/t1/cmd/{name}", payload,
+                      f"smartbin/t1/reply/{name}")
+        assert raw is not None, f"no reply to {name}"
+        return json.loads(raw)
+
+    def close(self):
+        self.loop.stop()
+        self.thread.join(5)
+        self.telemetry.stop()
+        self.store.close()
+        self.sim.close()
+
+
+@pytest.fixture
+def running_bin(broker, demo, tmp_path):
+    b = _Bin(broker.port, demo, tmp_path)
+    yield b
+    b.close()
+
+
+def test_commands(running_bin):
+    b = running_bin
+    assert b.cmd("pause", "{}") == {"ok": True, "paused": True, "command": "pause"}
+    assert b.loop.status()["paused"]
+    assert b.cmd("resume", "")["ok"]
+    r = b.cmd("sort_next", '{"bin": "hazardous", "id": 7}')
+    assert r == {"ok": True, "bin": "hazardous", "command": "sort_next", "id": 7}
+    assert b.cmd("calibrate", '{"angle": 30}')["angle"] == 30.0
+    assert b.cmd("calibrate", '{"bin": "other"}')["angle"] == 60.0
+    r = b.cmd("reset_counts", "{}")
+    assert not r["ok"] and "missing field(s) confirm" in r["error"]
+    r = b.cmd("reset_counts", '{"confirm": "reset_counts"}')
+    assert r["ok"]
+    r = b.cmd("reload_model", '{"bundle": "garbage120"}')
+    assert not r["ok"] and "no trained weights" in r["error"]
+    assert b.loop.classifier.bundle.name == "demo"  # the old model stays
+    r = b.cmd("reload_model", '{"bundle": "demo"}')
+    assert r["ok"] and r["model"] == "demo"
+    r = b.cmd("explode", '{}')
+    assert not r["ok"] and "unknown command 'explode'" in r["error"]
+    r = b.cmd("pause", "{not json")
+    assert not r["ok"] and "not JSON" in r["error"] and not b.loop.status()["paused"]
+    r = b.cmd("sort_next", '["other"]')
+    assert not r["ok"] and "JSON object" in r["error"] and b.loop._next_bin == "hazardous"
+
+
+COMMANDS = ["pause", "resume", "reset_counts", "sort_next", "calibrate", "reload_model",
+            "explode", "PAUSE", "", "reset"]
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats()
+                           | st.text(max_size=10),
+                           lambda kids: st.lists(kids, max_size=3)
+                           | st.dictionaries(st.text(max_size=8), kids, max_size=3),
+                           max_leaves=8)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(COMMANDS[:6]) | st.text(min_size=1, max_size=12).filter(
+           lambda s: "/" not in s and "+" not in s and "#" not in s and "\x00" not in s),
+       payload=st.binary(max_size=40) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_malformed_and_unknown_commands_change_nothing(running_bin, name, payload):
+    """Anything but a well-formed command gets an error reply and changes nothing."""
+    b = running_bin
+    before = (b.store.snapshot(), b.loop.status()["paused"], b.loop._next_bin,
+              b.loop.classifier.bundle.name)
+    reply = b.telemetry.handle_command(name, payload)
+    valid = _is_valid(name, payload)
+    if not valid:
+        assert reply["ok"] is False and reply["error"], (name, payload, reply)
+        after = (b.store.snapshot(), b.loop.status()["paused"], b.loop._next_bin,
+                 b.loop.classifier.bundle.name)
+        assert after == before
+    else:
+        b.loop.resume()
+        b.loop._next_bin = None
+
+
+def _is_valid(name: str, payload: bytes) -> bool:
+    """The narrow set of commands that are allowed to succeed."""
+    try:
+        args = json.loads(payload.decode()) if payload.strip() else {}
+    except (UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(args, dict):
+        return False
+    args.pop("id", None)
+    if name in ("pause", "resume"):
+        return args == {}
+    if name == "sort_next":
+        return set(args) == {"bin"} and args["bin"] in BINS
+    if name == "calibrate":
+        if set(args) == {"bin"}:
+            return args["bin"] in BINS
+        angle = args.get("angle")
+        return set(args) == {"angle"} and isinstance(angle, int | float) \
+            and not isinstance(angle, bool) and -90 <= angle <= 90
+    if name == "reload_model":
+        return args == {} or args == {"bundle": "demo"}
+    return False  # the rest change things only with exact, unlikely payloads
+
+
+def test_bad_bin_id_for_topics():
+    from bin_controller.errors import SmartbinError
+    from bin_controller.telemetry import Telemetry
+
+    with pytest.raises(SmartbinError, match="single MQTT topic level"):
+        Telemetry(mqtt_cfg(1).mqtt, bin_id="a/b", store=None)
