@@ -61,8 +61,9 @@ class Store:
             self.db.execute(f"PRAGMA synchronous={synchronous}")
             self.db.execute("PRAGMA busy_timeout=5000")
             self.db.executescript(SCHEMA)
-        except sqlite3.Error as exc:
-            raise SmartbinError(f"{self.path}: cannot open the count database: {exc}") from exc
+        except (sqlite3.Error, OSError) as exc:
+            raise SmartbinError(f"{self.path}: cannot open the count database: {exc}; set "
+                                "bin.state_dir (or --state-dir) to a writable folder") from exc
         self.journal_keep = journal_keep
         self.outbox_max = outbox_max
         self.event_topic = event_topic

@@ -223,6 +223,12 @@ class SimBin:
     def _update_sensor(self) -> None:
         self._drive(bool(self.platform) or self._passing > 0)
 
+    def sync_sensor(self) -> None:
+        """Drive the sensor line again once the controller has opened its device (opening
+        it sets the pin's pull resistor, which would hide an item already on the flap)."""
+        with self._lock:
+            self._update_sensor()
+
     # ------------------------------------------------------------------ timing helpers
 
     def _after(self, seconds: float, fn: Callable[[], None]) -> threading.Timer | None:

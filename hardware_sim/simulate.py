@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from bin_controller.flap import Flap, Gate
 from bin_controller.sensors import make_sensor
 from bin_controller.sorter import MemoryRecorder, Recorder, SortEvent, SortingLoop, State
 from hardware_sim.mechanics import SimBin, SimCamera, SimItem, Timing
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -137,6 +140,7 @@ def run_simulation(
     sim = SimBin(cfg, timing or (Timing.fast() if fast else Timing()), world=world)
     recorder = recorder or MemoryRecorder()
     sensor = make_sensor(cfg.sensor, sim.pin_factory)
+    sim.sync_sensor()
     flap = Flap(cfg.flap, sim.pin_factory)
     gate = Gate(cfg.gate, sim.pin_factory) if cfg.gate.enabled else None
     camera = SimCamera(sim)
@@ -205,6 +209,9 @@ def run_simulation(
                     on_item(done)
             if not ok:
                 timed_out = True
+                log.error("item %s did not finish: %s", [i.id for i in batch],
+                          [(i.compartment, len(i.events)) for i in batch] + [loop.state,
+                                                                            len(sim.platform)])
                 break
     finally:
         loop.stop()

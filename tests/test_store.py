@@ -1,0 +1,133 @@
+"""Counts that survive anything: the SQLite store, and a service killed mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bin_controller.sorter import SortEvent
+from bin_controller.store import Store
+from tests.broker import Broker, Listener
+from tests.conftest import REPO
+
+
+def event(bin_name="other", label="x") -> SortEvent:
+    return SortEvent(time=time.time(), bin=bin_name, label=label, label_en=label,
+                     confidence=0.9, uncertain=False, failed=False, forced=False,
+                     cycle_ms=1.0, decision_ms=1.0, model="m", model_version="1")
+
+
+def test_record_counts_journals_and_queues_in_one_go(tmp_path):
+    s = Store(tmp_path)
+    e = s.record(event("kitchen"))
+    assert e.seq == 1 and s.counts()["kitchen"] == 1
+    assert [j.seq for j in s.journal()] == [1]
+    (oid, topic, payload, qos), = s.outbox_batch()
+    assert topic == "event" and qos == 1 and json.loads(payload)["seq"] == 1
+    s.close()
+    again = Store(tmp_path)  # reopened: everything is still there
+    assert again.counts()["kitchen"] == 1 and again.last_seq() == 1
+    assert again.record(event()).seq == 2
+
+
+def test_pending_item_is_resolved_by_the_flap(tmp_path):
+    s = Store(tmp_path)
+    s.begin(event("hazardous"))  # decided, then the power went
+    assert s.counts()["hazardous"] == 0
+    assert s.recover(item_still_present=False)[0].seq == 1  # gone: it was sorted
+    assert s.counts()["hazardous"] == 1 and s.outbox_size() == 1
+    s.begin(event("kitchen"))
+    assert s.recover(item_still_present=True) == []  # still there: it will be sorted again
+    assert s.counts()["kitchen"] == 0 and s.pending() == []
+    assert s.record(event("kitchen")).seq == 3  # numbers are never reused
+    s.record(event("kitchen"))
+    assert s.counts() == {"recyclable": 0, "kitchen": 2, "hazardous": 1, "other": 0}
+
+
+def test_committing_twice_never_counts_twice(tmp_path):
+    s = Store(tmp_path)
+    e = s.begin(event())
+    s.record(e)
+    s.record(e)
+    assert s.counts()["other"] == 1 and s.outbox_size() == 1
+
+
+def test_outbox_bound_drops_oldest_and_counts_stay_exact(tmp_path):
+    s = Store(tmp_path, outbox_max=100, journal_keep=100)
+    for _ in range(130):
+        s.record(event())
+    assert s.outbox_size() == 100 and s.dropped_messages == 30
+    seqs = [json.loads(p)["seq"] for _, _, p, _ in s.outbox_batch(limit=1000)]
+    assert seqs == list(range(31, 131))
+    assert s.counts()["other"] == 130
+    assert len(s.journal(1000)) == 100  # retention
+
+
+def test_unwritable_state_folder_is_a_clear_error(tmp_path):
+    from bin_controller.errors import SmartbinError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SmartbinError, match="cannot open the count database"):
+        Store(blocker / "state")
+
+
+def _simulate(state, port, *args):
+    return [sys.executable, "-m", "bin_controller", "simulate", "--fast", "--quiet",
+            "--state-dir", str(state), "--mqtt", f"127.0.0.1:{port}", "--bin-id", "k1",
+            *args]
+
+
+@pytest.mark.slow
+def test_killed_mid_run_loses_nothing_and_counts_nothing_twice(tmp_path):
+    broker = Broker(tmp_path)
+    broker.start()
+    listener = Listener(broker.port, topic="smartbin/k1/#", client_id="kill-dashboard")
+    state = tmp_path / "state"
+    rng = random.Random(7)
+    try:
+        for run in range(3):
+            proc = subprocess.Popen(_simulate(state, broker.port, "--items", "400",
+                                              "--pace", "0.01", "--seed", str(run)),
+                                    cwd=REPO, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(2.0, 3.5))
+            assert proc.poll() is None, "the run ended before it could be killed"
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        done = subprocess.run(_simulate(state, broker.port, "--items", "10", "--seed", "9"),
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        world = json.loads((state / "sim-world" / "world.json").read_text())
+        landed = [entry["uid"] for entry in world["landed"]]
+        assert len(landed) == len(set(landed)), "an item landed twice"
+        assert world["platform"] == []
+        db = sqlite3.connect(state / "smartbin.db")
+        total = db.execute("SELECT SUM(n) FROM counts").fetchone()[0]
+        pending = db.execute("SELECT COUNT(*) FROM journal WHERE status='pending'").fetchone()
+        by_bin = dict(db.execute("SELECT bin, n FROM counts").fetchall())
+        db.close()
+        assert pending == (0,)
+        assert total == len(landed) > 30  # every landed item counted once
+        for b, n in by_bin.items():
+            assert n == sum(1 for e in world["landed"] if e["compartment"] == b)
+
+        def seqs(li):
+            return sorted({json.loads(p)["seq"] for p in li.payloads("smartbin/k1/event")})
+
+        assert listener.wait_for(lambda li: len(seqs(li)) == total, timeout=30), \
+            (len(seqs(listener)), total)
+        assert seqs(listener) == list(range(1, total + 1))
+        assert listener.wait_for(lambda li: json.loads(
+            li.retained.get("smartbin/k1/counts", b"{}")).get("total") == total)
+    finally:
+        listener.close()
+        broker.stop()
