@@ -1,7 +1,8 @@
 """Counts, journal and MQTT outbox in one SQLite database (WAL) in the state folder.
 
-An item is journalled as *pending* when its bin is decided, before the flap moves, and
-*committed* (counted, its message queued) in one transaction once the flap has moved.
+An item is noted as *pending* when its bin is decided, before the flap moves, and
+*committed* (numbered, journalled, counted, its message queued) in one transaction once the
+flap has moved.
 After a crash or power cut a pending item is resolved by looking at the flap: if the item
 is gone it was sorted and is committed now; if it still lies there it was not, and the
 loop will sort it again. So an item is never lost and never counted twice.
@@ -33,7 +34,10 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counts (bin TEXT PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY,
-    status TEXT NOT NULL CHECK (status IN ('pending', 'done')),
+    {", ".join(f"{name}" for name in EVENT_FIELDS)}
+);
+CREATE TABLE IF NOT EXISTS pending (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     {", ".join(f"{name}" for name in EVENT_FIELDS)}
 );
 CREATE TABLE IF NOT EXISTS outbox (
@@ -98,37 +102,39 @@ class Store:
     # ------------------------------------------------------------------ the cycle
 
     def begin(self, event: SortEvent) -> SortEvent:
-        """Journal the decided item as pending; gives it its sequence number."""
+        """Note the decided item as pending, before the flap moves."""
+        row = asdict(event)
         with self._tx() as c:
-            seq = int(c.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0]) + 1
-            c.execute("UPDATE meta SET value=? WHERE key='seq'", (str(seq),))
-            row = asdict(event)
-            c.execute(f"INSERT INTO journal (seq, status, {', '.join(EVENT_FIELDS)}) VALUES "
-                      f"(?, 'pending', {', '.join('?' * len(EVENT_FIELDS))})",
-                      (seq, *[row[k] for k in EVENT_FIELDS]))
-        event.seq = seq
+            cur = c.execute(f"INSERT INTO pending ({', '.join(EVENT_FIELDS)}) VALUES "
+                            f"({', '.join('?' * len(EVENT_FIELDS))})",
+                            [row[k] for k in EVENT_FIELDS])
+        event._pending_id = cur.lastrowid  # type: ignore[attr-defined]
         return event
 
     def record(self, event: SortEvent) -> SortEvent:
-        """Count the item, mark it done and queue its message: one transaction."""
-        if not event.seq:
-            event = self.begin(event)
+        """Count the item, journal it with the next sequence number and queue its message:
+        one transaction. Numbers are given here, so a pending item that turns out not to
+        have been sorted leaves no gap."""
         with self._tx() as c:
-            self._commit(c, event)
+            self._commit(c, event, getattr(event, "_pending_id", None))
         return event
 
-    def _commit(self, c: sqlite3.Connection, event: SortEvent) -> None:
+    def _commit(self, c: sqlite3.Connection, event: SortEvent, pending_id: int | None) -> None:
+        if pending_id is not None:
+            gone = c.execute("DELETE FROM pending WHERE id=?", (pending_id,))
+            if gone.rowcount != 1:
+                return  # already resolved (recovered): counting it again would double count
+        seq = int(c.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0]) + 1
+        c.execute("UPDATE meta SET value=? WHERE key='seq'", (str(seq),))
+        event.seq = seq
         row = asdict(event)
-        updated = c.execute(
-            f"UPDATE journal SET status='done', {', '.join(f'{k}=?' for k in EVENT_FIELDS)} "
-            "WHERE seq=? AND status='pending'", (*[row[k] for k in EVENT_FIELDS], event.seq))
-        if updated.rowcount != 1:
-            return  # already committed (recovered): counting it again would double count
+        c.execute(f"INSERT INTO journal (seq, {', '.join(EVENT_FIELDS)}) VALUES "
+                  f"(?, {', '.join('?' * len(EVENT_FIELDS))})",
+                  (seq, *[row[k] for k in EVENT_FIELDS]))
         c.execute("UPDATE counts SET n = n + 1 WHERE bin=?", (event.bin,))
         self._queue(c, self.event_topic, json.dumps(row, ensure_ascii=False), 1)
         if self.journal_keep:
-            c.execute("DELETE FROM journal WHERE status='done' AND seq <= ?",
-                      (event.seq - self.journal_keep,))
+            c.execute("DELETE FROM journal WHERE seq <= ?", (seq - self.journal_keep,))
 
     def _queue(self, c: sqlite3.Connection, topic: str, payload: str, qos: int) -> None:
         c.execute("INSERT INTO outbox (topic, payload, qos, created) VALUES (?, ?, ?, ?)",
@@ -146,26 +152,28 @@ class Store:
 
     def pending(self) -> list[SortEvent]:
         with self._lock:
-            rows = self.db.execute(f"SELECT seq, {', '.join(EVENT_FIELDS)} FROM journal "
-                                   "WHERE status='pending' ORDER BY seq").fetchall()
-        return [SortEvent(**dict(zip(EVENT_FIELDS, r[1:], strict=True)), seq=r[0])
-                for r in rows]
+            rows = self.db.execute(f"SELECT id, {', '.join(EVENT_FIELDS)} FROM pending "
+                                   "ORDER BY id").fetchall()
+        out = []
+        for r in rows:
+            event = SortEvent(**dict(zip(EVENT_FIELDS, r[1:], strict=True)))
+            event._pending_id = r[0]  # type: ignore[attr-defined]
+            out.append(event)
+        return out
 
     def recover(self, item_still_present: bool) -> list[SortEvent]:
         """Resolve items that were mid-cycle when the service died (see module doc)."""
         resolved = []
         for event in self.pending():
-            if item_still_present:
-                with self._tx() as c:
-                    c.execute("DELETE FROM journal WHERE seq=? AND status='pending'",
-                              (event.seq,))
-                log.info("item #%d was not sorted before the restart; it will be again",
-                         event.seq)
-            else:
-                with self._tx() as c:
-                    self._commit(c, event)
-                log.info("item #%d was sorted before the restart; counted now", event.seq)
-                resolved.append(event)
+            with self._tx() as c:
+                if item_still_present:
+                    c.execute("DELETE FROM pending WHERE id=?", (event._pending_id,))
+                    log.info("an item decided before the restart is still on the flap; it "
+                             "will be sorted again")
+                else:
+                    self._commit(c, event, event._pending_id)
+                    log.info("item #%d was sorted before the restart; counted now", event.seq)
+                    resolved.append(event)
         return resolved
 
     # ------------------------------------------------------------------ reading
@@ -182,7 +190,7 @@ class Store:
     def journal(self, limit: int = 100) -> list[SortEvent]:
         with self._lock:
             rows = self.db.execute(f"SELECT seq, {', '.join(EVENT_FIELDS)} FROM journal "
-                                   "WHERE status='done' ORDER BY seq DESC LIMIT ?",
+                                   "ORDER BY seq DESC LIMIT ?",
                                    (limit,)).fetchall()
         return [SortEvent(**dict(zip(EVENT_FIELDS, r[1:], strict=True)), seq=r[0])
                 for r in reversed(rows)]
