@@ -43,7 +43,8 @@ def attach(cfg: Config, loop: SortingLoop, store: Store) -> Telemetry | None:
 
 
 def apply_overrides(cfg: Config, args: Any) -> Config:
-    """--mqtt HOST[:PORT], --bin-id and --state-dir from the command line."""
+    """--mqtt HOST[:PORT], --bin-id, --state-dir, --model and --backbone from the command
+    line, over the configuration file."""
     from bin_controller.telemetry import parse_host
 
     if getattr(args, "mqtt", None):
@@ -55,4 +56,8 @@ def apply_overrides(cfg: Config, args: Any) -> Config:
         cfg.bin.id = args.bin_id
     if getattr(args, "state_dir", None):
         cfg.bin.state_dir = str(args.state_dir)
+    if getattr(args, "backbone", None):
+        cfg.model.backbone = str(args.backbone)
+    if getattr(args, "model", None):
+        cfg.model.bundle = str(args.model)
     return cfg

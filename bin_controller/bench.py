@@ -154,3 +154,76 @@ def run_idle(args: argparse.Namespace) -> int:
     print(f"idle {t1 - t0:.1f} s with sensor '{cfg.sensor.type}': CPU {cpu * 1000:.1f} ms = "
           f"{100 * cpu / (t1 - t0):.3f} % of one core (goal: under 1 %)")
     return 0
+
+
+def run_store(args: argparse.Namespace) -> int:
+    """Items committed per second (count + journal + outbox in one transaction)."""
+    from bin_controller.sorter import SortEvent
+    from bin_controller.store import Store
+
+    print(f"{args.items} items per run, each: begin (pending) + commit (count, journal, "
+          "outbox) as the loop does")
+    for mode in ("FULL", "NORMAL"):
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            store = Store(tmp, synchronous=mode)
+            t0 = time.perf_counter()
+            for _ in range(args.items):
+                e = SortEvent(time=time.time(), bin="other", label="x", label_en="x",
+                              confidence=0.9, uncertain=False, failed=False, forced=False,
+                              cycle_ms=1.0, decision_ms=1.0, model="m", model_version="1")
+                store.record(store.begin(e))
+            dt = time.perf_counter() - t0
+            store.close()
+        print(f"synchronous={mode:6}  {args.items / dt:8.0f} items/s  "
+              f"{1000 * dt / args.items:6.2f} ms per item")
+    return 0
+
+
+def run_service(args: argparse.Namespace) -> int:
+    """Process start to READY=1, and resident memory after many simulated items."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sock_path = os.path.join(tmp, "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(sock_path)
+        sock.settimeout(300)
+        cmd = [sys.executable, "-m", "bin_controller", "run", "--simulate", "--sim-fast",
+               "--sim-interval", "0.001", "--sim-items", str(args.items), "--state-dir",
+               os.path.join(tmp, "state"), "--model", args.model]
+        if args.backbone:
+            cmd += ["--backbone", args.backbone]
+        env = {**os.environ, "NOTIFY_SOCKET": sock_path}
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        ready = None
+        sorted_n = 0
+        try:
+            while True:
+                fields = dict(line.split("=", 1) for line in
+                              sock.recv(4096).decode().splitlines() if "=" in line)
+                if fields.get("READY") == "1" and ready is None:
+                    ready = time.monotonic() - t0
+                    with open(f"/proc/{proc.pid}/status") as f:
+                        rss_ready = next(int(line.split()[1]) for line in f
+                                         if line.startswith("VmRSS"))
+                status = fields.get("STATUS", "")
+                if "sorted " in status:
+                    sorted_n = int(status.split("sorted ", 1)[1].split(" ", 1)[0])
+                if sorted_n >= args.items:
+                    break
+            with open(f"/proc/{proc.pid}/status") as f:
+                rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+            with open(f"/proc/{proc.pid}/status") as f:
+                hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        print(f"model {args.model}: process start to READY=1 {ready:.2f} s (resident "
+              f"{rss_ready / 1024:.0f} MB); after {sorted_n} items resident {rss / 1024:.0f} MB "
+              f"(peak {hwm / 1024:.0f} MB)")
+    return 0

@@ -79,10 +79,29 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import logging
 
-    from bin_controller import service
+    from bin_controller import logs, service
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.setup(logging.DEBUG if args.verbose else logging.INFO)
     return service.run(args)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from bin_controller import check
+
+    return check.run(args)
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from bin_controller import monitor
+
+    return monitor.run(args)
+
+
+def cmd_config_doc(args: argparse.Namespace) -> int:
+    from bin_controller.config import example_toml, reference_markdown
+
+    print(example_toml() if args.toml else reference_markdown(), end="")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -131,7 +150,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bin-id", default=None, help="override bin.id")
     p.add_argument("--mqtt", metavar="HOST[:PORT]", help="publish to this MQTT broker")
     p.add_argument("--state-dir", type=Path, help="override bin.state_dir")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p.add_argument("--simulate", action="store_true",
+                   help="run the service on the simulator's pins and camera, with a person "
+                        "dropping a generated item every --sim-interval seconds")
+    p.add_argument("--sim-interval", type=float, default=2.0)
+    p.add_argument("--sim-items", type=int, default=None, help="stop dropping after this many")
+    p.add_argument("--sim-hang-camera", type=int, default=0, metavar="N",
+                   help="the Nth capture never returns (to see the watchdog act)")
+    p.add_argument("--sim-fast", action="store_true", help="no mechanical delays (benchmarks)")
+    p.add_argument("--model", default=None, help="override model.bundle")
+    p.add_argument("--backbone", default=None, help="override model.backbone")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="check config, model, pins, camera, broker and disk")
+    p.add_argument("--config", default=None, help="TOML configuration file")
+    p.add_argument("--mqtt", metavar="HOST[:PORT]", help="check this broker instead")
+    p.add_argument("--state-dir", type=Path, help="override bin.state_dir")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("monitor", help="live terminal view of one bin or a fleet (MQTT)")
+    p.add_argument("--host", default="localhost", help="broker HOST[:PORT]")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--bin-id", default="+", help="one bin, or + for every bin (default)")
+    p.add_argument("--prefix", default="smartbin")
+    p.add_argument("--seconds", type=float, default=0, help="stop after this long (0: never)")
+    p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("config-doc", help="print the configuration reference (Markdown)")
+    p.add_argument("--toml", action="store_true", help="a commented example config.toml")
+    p.set_defaults(func=cmd_config_doc)
 
     p = sub.add_parser("simulate", help="run the whole bin on simulated hardware")
     from hardware_sim.cli import add_arguments
@@ -191,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", type=Path)
     b.add_argument("--seconds", type=float, default=30.0)
     b.set_defaults(func=cmd_bench, bench_fn="run_idle")
+    b = bench_sub.add_parser("store", help="items per second the store commits")
+    b.add_argument("--items", type=int, default=2000)
+    b.add_argument("--dir", default=None, help="folder on the disk to measure (default: /tmp)")
+    b.set_defaults(func=cmd_bench, bench_fn="run_store")
+    b = bench_sub.add_parser("service", help="start to READY, memory after many items")
+    b.add_argument("--model", default="demo")
+    b.add_argument("--backbone", default=None)
+    b.add_argument("--items", type=int, default=1000)
+    b.set_defaults(func=cmd_bench, bench_fn="run_service")
     return parser
 
 

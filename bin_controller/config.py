@@ -57,8 +57,9 @@ class ModelSection:
                         choices=("auto", "litert", "tflite-runtime", "tensorflow"))
     threads: int = _opt(2, "Interpreter threads.", min=1, max=8)
     backbone: str = _opt("", "Local file or folder for a downloadable backbone (optional).")
-    confidence_threshold: float = _opt(0.5, "Below this confidence the item goes to "
-                                            "fallback_bin, marked uncertain.", min=0.0, max=1.0)
+    confidence_threshold: float = _opt(0.5, "Below this bin probability (the sum over "
+                                            "the bin's labels) the item goes to fallback_bin, "
+                                            "marked uncertain.", min=0.0, max=1.0)
     fallback_bin: str = _opt("other", "Bin for uncertain and failed items.", choices=BINS)
     retries: int = _opt(2, "Extra attempts after a camera or classifier error.", min=0, max=10)
 
@@ -338,3 +339,46 @@ def reference() -> list[tuple[str, str, Any, str]]:
                 default = "(see description)"
             rows.append((f"{section.name}.{f.name}", _type_name(hints[f.name]), default, doc))
     return rows
+
+
+def reference_markdown() -> str:
+    """The configuration reference as a Markdown table (kept in the README)."""
+    lines = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+    for key, kind, default, doc in reference():
+        if isinstance(default, dict):
+            default = ", ".join(f"{k} = {v:g}" for k, v in default.items())
+        elif isinstance(default, bool):
+            default = str(default).lower()
+        elif isinstance(default, str) and default != "(see description)":
+            default = f'"{default}"'
+        lines.append(f"| `{key}` | {kind} | {default} | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+def example_toml() -> str:
+    """A commented config.toml with every option at its default (systemd/config.example.toml)."""
+    lines = ["# smartbin configuration. Every option is shown at its default, commented out;",
+             "# uncomment and change what your bin needs. Reference: README.md, or",
+             "# `smartbin config-doc`. Check a file with `smartbin check --config FILE`.", ""]
+    section = None
+    for key, _kind, default, doc in reference():
+        sec, name = key.split(".", 1)
+        if sec != section:
+            if section is not None:
+                lines.append("")
+            lines.append(f"[{sec}]")
+            section = sec
+        lines.append(f"# {doc}")
+        if default == "(see description)":
+            lines.append(f"# {name} = ...")
+            continue
+        if isinstance(default, dict):
+            value = "{ " + ", ".join(f"{k} = {v:g}" for k, v in default.items()) + " }"
+        elif isinstance(default, bool):
+            value = str(default).lower()
+        elif isinstance(default, str):
+            value = f'"{default}"'
+        else:
+            value = repr(default)
+        lines.append(f"# {name} = {value}")
+    return "\n".join(lines) + "\n"

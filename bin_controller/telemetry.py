@@ -53,7 +53,7 @@ def read_password(cfg: MqttSection) -> str | None:
     else:
         return None
     try:
-        return path.read_text(encoding="utf-8").strip()
+        return path.read_text(encoding="utf-8").strip() or None
     except OSError as exc:
         raise SmartbinError(f"mqtt.password_file: cannot read {path}: {exc.strerror}") from exc
 

@@ -85,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
     if args.items < 1:
         raise SmartbinError("--items must be 1 or more")
     cfg = apply_overrides(load_config(args.config), args)
-    model = args.model or cfg.model.bundle
+    model = cfg.model.bundle
     classifier = Classifier(model, backend=cfg.model.backend, num_threads=cfg.model.threads,
-                            backbone=args.backbone or cfg.model.backbone or None)
+                            backbone=cfg.model.backbone or None)
     if args.images:
         source = FolderSource(args.images, args.bin_map, args.seed,
                               (cfg.camera.width, cfg.camera.height))

@@ -310,6 +310,7 @@ class SimBin:
         angle = self.flap.angle()
         angles = self.cfg.flap.angles
         item.compartment = min(angles, key=lambda b: abs(angles[b] - angle))
+        item.image = np.empty((0, 0, 3), np.uint8)  # out of view for good: free the photo
         with self._lock:
             self.landed.append(item)
             if item in self._sliding:

@@ -272,3 +272,25 @@ def test_bad_bin_id_for_topics():
 
     with pytest.raises(SmartbinError, match="single MQTT topic level"):
         Telemetry(mqtt_cfg(1).mqtt, bin_id="a/b", store=None)
+
+
+def test_monitor_shows_the_fleet(broker, demo, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    run_bin(mqtt_cfg(broker.port, bin_id="t1"), demo, tmp_path / "a", 3)
+    run_bin(mqtt_cfg(broker.port, bin_id="t2"), demo, tmp_path / "b", 2, seed=4)
+    r = subprocess.run([sys.executable, "-m", "bin_controller", "monitor", "--host",
+                        f"127.0.0.1:{broker.port}", "--seconds", "2"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()
+            if line.startswith(("t1 ", "t2 "))}
+    assert rows["t1"][1] == "offline" and rows["t1"][-1] == "3"
+    assert rows["t2"][-1] == "2"
+    r = subprocess.run([sys.executable, "-m", "bin_controller", "monitor", "--host",
+                        "127.0.0.1:9", "--seconds", "1"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "cannot reach the broker" in r.stderr
