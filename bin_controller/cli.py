@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "MobileNetV2 download, or $SMARTBIN_BACKBONE)")
     p.add_argument("--weights", help="keras method: local ImageNet weights file "
                                      "(default: download; 'none' for random)")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="keras method: input size (the study: 224)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)

@@ -138,6 +138,22 @@ def test_discovery_payloads(broker, demo, tmp_path):
     listener.close()
 
 
+def test_discovery_is_republished_when_home_assistant_restarts(running_bin):
+    import paho.mqtt.client as mqtt
+
+    listener = Listener(running_bin.port, topic="homeassistant/sensor/#", client_id="ha2")
+    assert listener.wait_for(lambda li: len(li.messages) >= 8)  # the retained configs
+    before = len(listener.messages)
+    ha = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+    ha.connect("127.0.0.1", running_bin.port)
+    ha.loop_start()
+    ha.publish("homeassistant/status", "online", qos=1).wait_for_publish(5)
+    assert listener.wait_for(lambda li: len(li.messages) >= before + 8)
+    ha.loop_stop()
+    ha.disconnect()
+    listener.close()
+
+
 class _Bin:
     """A running simulated bin with telemetry, for command tests."""
 
