@@ -47,7 +47,7 @@ def quantize(real: np.ndarray, q: Quant) -> np.ndarray:
     return np.clip(scaled, info.min, info.max).astype(q.dtype)
 
 
-def _pixel_mapper(spec: InputSpec, q: Quant):
+def pixel_mapper(spec: InputSpec, q: Quant):
     """A function from uint8 pixels to the input tensor's values.
 
     Quantized image models usually fold normalization into the input quantization, so
@@ -67,7 +67,7 @@ def _pixel_mapper(spec: InputSpec, q: Quant):
     return lambda px: ((px.astype(np.float32) - mean) / std).astype(q.dtype)
 
 
-class _StageRunner:
+class StageRunner:
     def __init__(self, interpreter: Any) -> None:
         self.interpreter = interpreter
         inp = interpreter.get_input_details()[0]
@@ -124,15 +124,15 @@ class Classifier:
             raise SmartbinError(f"num_threads must be 1 or more, got {num_threads}")
         self.num_threads = num_threads
         self.top_k = top_k
-        self.stages: list[_StageRunner] = []
+        self.stages: list[StageRunner] = []
         self.backend = ""
         for data in self.bundle.stage_models(backbone=backbone):
             self.backend, interpreter = make_interpreter(backend, data, num_threads=num_threads)
-            self.stages.append(_StageRunner(interpreter))
+            self.stages.append(StageRunner(interpreter))
         self._check_shapes()
         self._bin_index = np.array([BINS.index(lab.bin) for lab in self.bundle.labels])
         first = self.stages[0]
-        self._to_input = _pixel_mapper(self.bundle.input, first.input_quant)
+        self._to_input = pixel_mapper(self.bundle.input, first.input_quant)
         self._between = [
             _converter(a.output_quant, b.input_quant)
             for a, b in zip(self.stages, self.stages[1:], strict=False)

@@ -11,7 +11,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from bin_controller.backends import make_interpreter
 from bin_controller.bundle import InputSpec
-from bin_controller.classifier import Quant, _pixel_mapper, _StageRunner, dequantize
+from bin_controller.classifier import Quant, StageRunner, dequantize, pixel_mapper
 from bin_controller.preprocess import load_image, prepare_array, prepare_image
 
 # Views of each photo. "full" (the whole frame) and "center" (square centre crop) are what
@@ -29,9 +29,9 @@ class StageFeatures:
     def __init__(self, model: bytes, *, size: int, mean: float, std: float,
                  backend: str = "auto", num_threads: int = 2) -> None:
         self.backend, interpreter = make_interpreter(backend, model, num_threads=num_threads)
-        self.runner = _StageRunner(interpreter)
+        self.runner = StageRunner(interpreter)
         self.spec = InputSpec(size, size, mean, std)
-        self._to_input = _pixel_mapper(self.spec, self.runner.input_quant)
+        self._to_input = pixel_mapper(self.spec, self.runner.input_quant)
 
     @property
     def quant(self) -> Quant:
