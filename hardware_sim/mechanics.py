@@ -39,7 +39,7 @@ class Timing:
         return cls(fall_s=0.0, slide_s=0.0, servo_deg_per_s=float("inf"))
 
 
-@dataclass
+@dataclass(eq=False)  # a physical object: equal only to itself
 class SimItem:
     id: int
     true_class: str
@@ -300,7 +300,7 @@ class SimBin:
         with self._lock:
             leaving = [i for i in self.platform if not i.jam]
             self.platform = [i for i in self.platform if i.jam]
-            self._sliding = leaving
+            self._sliding = list(leaving)  # a copy: _land removes from it while we iterate
             self._update_sensor()
         for item in leaving:
             self._after(self.timing.slide_s, lambda item=item: self._land(item))

@@ -177,6 +177,11 @@ def run_simulation(
     thread.start()
     timed_out = False
     try:
+        # Whatever still lies on the flap from before (a restarted controller) is sorted
+        # first; a person waits for a clear flap before dropping the next item.
+        with changed:
+            changed.wait_for(lambda: not sim.platform and loop.state == State.IDLE,
+                             timeout=item_timeout_s)
         pending_double: SimItem | None = None
         for index, item in enumerate(items):
             number = index + 1

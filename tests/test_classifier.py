@@ -163,3 +163,23 @@ def test_corrupt_bytes_are_an_image_error(tmp_path):
     bad.write_bytes(buf.getvalue()[:100])
     with pytest.raises(ImageError, match=r"bad\.jpg"):
         Classifier("demo").classify_file(bad)
+
+
+def test_tensorflow_backend_when_installed():
+    """tf.lite is the last fallback; where TensorFlow is installed it gives the same answer."""
+    pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(5)
+    images, _ = items.sample(rng, 10)
+    tf_c = Classifier("demo", backend="tensorflow")
+    lite = Classifier("demo", backend="litert") if "litert" in _available() else None
+    assert tf_c.backend == "tensorflow"
+    for img in images:
+        p = tf_c.classify_array(img)
+        if lite is not None:
+            assert p.index == lite.classify_array(img).index
+
+
+def _available():
+    from bin_controller.backends import available_backends
+
+    return available_backends()

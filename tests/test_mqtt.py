@@ -310,3 +310,13 @@ def test_monitor_shows_the_fleet(broker, demo, tmp_path):
                         "127.0.0.1:9", "--seconds", "1"], cwd=REPO, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "cannot reach the broker" in r.stderr
+
+
+def test_stats_are_published_periodically(running_bin):
+    listener = Listener(running_bin.port, topic="smartbin/t1/stats", client_id="stats")
+    assert listener.wait_for(lambda li: len(li.messages) >= 2, timeout=10)
+    stats = json.loads(listener.messages[-1][1])
+    assert {"uptime_s", "cycle_ms_p50", "cycle_ms_p95", "items_per_hour", "model",
+            "backend", "outbox"} <= set(stats)
+    assert stats["model"] == "demo" and stats["backend"] == "litert"
+    listener.close()
