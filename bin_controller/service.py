@@ -142,8 +142,9 @@ def run(args: argparse.Namespace) -> int:
             "sorted #%d %s -> %s (%.0f%%)%s", e.seq, e.label_en or e.label or "?", e.bin,
             (e.bin_confidence or 0) * 100, " uncertain" if e.uncertain else
             (" failed" if e.failed else "")))
-        loop.on_event.append(lambda e: notifier.status(_status_line(loop)))
-        loop.on_state.append(lambda s, d: notifier.status(_status_line(loop)))
+        if notifier.enabled:  # the status line costs a count query: only for systemd
+            loop.on_event.append(lambda e: notifier.status(_status_line(loop)))
+            loop.on_state.append(lambda s, d: notifier.status(_status_line(loop)))
         watchdog = notifier.start_watchdog(heartbeat_fresh(lambda: loop.heartbeat))
         stack.callback(watchdog.set)
         bundle = loop.classifier.bundle
