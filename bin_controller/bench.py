@@ -14,7 +14,7 @@ from bin_controller.backends import available_backends
 from bin_controller.classifier import Classifier
 from bin_controller.preprocess import prepare_array
 
-CAMERA_FRAME = (320, 240)  # what the camera is asked for: close to the model input
+CAMERA_FRAME = (304, 224)  # the camera's default frame (config camera.width/height)
 
 
 def percentiles(samples_ms: list[float]) -> tuple[float, float]:

@@ -96,9 +96,11 @@ class SensorSection:
 class CameraSection:
     type: str = _opt("picamera2", "Camera on the bin (picamera2), or the simulator's.",
                      choices=("picamera2", "simulated"))
-    width: int = _opt(320, "Capture width: close to the model input, no costly resize.",
+    width: int = _opt(304, "Capture width (a multiple of 16 suits the ISP); about 4:3.",
                       min=64, max=4056)
-    height: int = _opt(240, "Capture height.", min=64, max=3040)
+    height: int = _opt(224, "Capture height: the model's input height, so that the frame "
+                            "needs one cheap resize pass (or none for a centre crop).",
+                       min=64, max=3040)
     warmup_s: float = _opt(1.0, "Time for exposure and white balance to settle at start.",
                            min=0.0, max=10.0)
     led_pin: int = _opt(-1, "GPIO of an illumination LED lit during the shot; -1 for none.",
