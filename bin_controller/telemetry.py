@@ -82,6 +82,7 @@ class Telemetry:
         self.status = status or (lambda: {})
         self.state: dict[str, Any] = {"state": State.IDLE.value, "detail": ""}
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # commands can be received
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._inflight: dict[int, int] = {}  # mid -> outbox id
@@ -116,6 +117,7 @@ class Telemetry:
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_message = self._on_message
+        c.on_subscribe = lambda *_: self.subscribed.set()
         return c
 
     def start(self) -> None:
@@ -146,6 +148,7 @@ class Telemetry:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+        self.subscribed.clear()
         if not self._stop.is_set():
             log.warning("MQTT disconnected (%s); events wait in the outbox", reason_code)
 

@@ -177,7 +177,7 @@ class _Bin:
         self.telemetry = attach(self.cfg, self.loop, self.store)
         self.thread = threading.Thread(target=self.loop.run, daemon=True)
         self.thread.start()
-        assert self.telemetry.connected.wait(10)
+        assert self.telemetry.subscribed.wait(10)  # commands sent now are received
         self.port = port
 
     def cmd(self, name, payload):
