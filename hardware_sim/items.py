@@ -129,26 +129,3 @@ def sample(rng: np.random.Generator, n: int, size: int = FRAME) -> tuple[list[np
     kinds = rng.integers(0, len(KINDS), n)
     return [render(KINDS[k], rng, size) for k in kinds], [int(k) for k in kinds]
 
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    from pathlib import Path
-
-    ap = argparse.ArgumentParser(description="Write generated item photos as JPEG files.")
-    ap.add_argument("--out", type=Path, required=True, help="folder (one subfolder per kind)")
-    ap.add_argument("--per-kind", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    rng = np.random.default_rng(args.seed)
-    for kind in KINDS:
-        folder = args.out / kind.name_en.replace(" ", "_")
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(args.per_kind):
-            path = folder / f"{i:04d}.jpg"
-            Image.fromarray(render(kind, rng)).save(path, quality=92)
-            print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
