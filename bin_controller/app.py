@@ -6,11 +6,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bin_controller.commands import make_dispatcher
 from bin_controller.config import Config
+from bin_controller.mqtt.commands import make_dispatcher
+from bin_controller.mqtt.telemetry import Telemetry
 from bin_controller.sorter import SortingLoop
 from bin_controller.store import Store
-from bin_controller.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def attach(cfg: Config, loop: SortingLoop, store: Store) -> Telemetry | None:
 def apply_overrides(cfg: Config, args: Any) -> Config:
     """--mqtt HOST[:PORT], --bin-id, --state-dir, --model and --backbone from the command
     line, over the configuration file."""
-    from bin_controller.telemetry import parse_host
+    from bin_controller.mqtt.telemetry import parse_host
 
     if getattr(args, "mqtt", None):
         host, port = parse_host(args.mqtt)

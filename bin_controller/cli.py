@@ -27,7 +27,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from bin_controller.classifier import Classifier
+    from bin_controller.vision.classifier import Classifier
 
     classifier = Classifier(args.model, backend=args.backend, num_threads=args.threads,
                             top_k=args.top, backbone=args.backbone)
@@ -64,7 +64,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bin_controller import bench
+    from bin_controller.tools import bench
 
     return getattr(bench, args.bench_fn)(args)
 
@@ -86,13 +86,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from bin_controller import check
+    from bin_controller.tools import check
 
     return check.run(args)
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from bin_controller import monitor
+    from bin_controller.tools import monitor
 
     return monitor.run(args)
 

@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 
 from bin_controller.app import apply_overrides, attach, open_store
-from bin_controller.classifier import Classifier
 from bin_controller.config import Config, load_config
 from bin_controller.errors import SmartbinError
-from bin_controller.flap import Flap, Gate
-from bin_controller.pins import make_pin_factory
+from bin_controller.hardware.flap import Flap, Gate
+from bin_controller.hardware.pins import make_pin_factory
+from bin_controller.hardware.sensors import make_sensor
 from bin_controller.sdnotify import Notifier, heartbeat_fresh
-from bin_controller.sensors import make_sensor
 from bin_controller.sorter import SortingLoop
+from bin_controller.vision.classifier import Classifier
 
 log = logging.getLogger("smartbin")
 
@@ -40,7 +40,7 @@ def build_loop(cfg: Config, stack: ExitStack, *, camera: Any = None,
     sensor = make_sensor(cfg.sensor, factory)
     stack.callback(sensor.close)
     if camera is None:
-        from bin_controller.camera import PiCamera
+        from bin_controller.hardware.camera import PiCamera
 
         camera = PiCamera(cfg.camera, factory)
     stack.callback(camera.close)

@@ -8,57 +8,20 @@ error is retried and then the item goes to the fallback bin marked failed.
 
 from __future__ import annotations
 
-import enum
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from bin_controller.bins import BINS
 from bin_controller.config import Config
+from bin_controller.domain import Fault, SortEvent, State
 
 log = logging.getLogger(__name__)
-
-
-class State(enum.StrEnum):
-    IDLE = "idle"
-    SETTLING = "settling"
-    CAPTURING = "capturing"
-    CLASSIFYING = "classifying"
-    SORTING = "sorting"
-    CLEARING = "clearing"
-    COOLDOWN = "cooldown"
-    PAUSED = "paused"
-    FAULT = "fault"
-
-
-@dataclass
-class SortEvent:
-    """One sorted item, as stored and published."""
-
-    time: float
-    bin: str
-    label: str | None
-    label_en: str | None
-    confidence: float | None  # of the label
-    uncertain: bool
-    failed: bool
-    forced: bool
-    cycle_ms: float  # sensor edge to item counted
-    decision_ms: float  # sensor edge to servo command
-    model: str
-    model_version: str
-    error: str | None = None
-    bin_confidence: float | None = None  # of the bin: the sum over its labels
-    seq: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Recorder(Protocol):
@@ -81,13 +44,6 @@ class MemoryRecorder:
             self.counts[event.bin] += 1
             self.events.append(event)
         return event
-
-
-@dataclass
-class Fault:
-    kind: str  # jam, camera, classifier, double_drop
-    detail: str
-    time: float = field(default_factory=time.time)
 
 
 class SortingLoop:

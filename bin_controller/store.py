@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from bin_controller.bins import BINS
+from bin_controller.domain import SortEvent
 from bin_controller.errors import SmartbinError
-from bin_controller.sorter import SortEvent
 
 log = logging.getLogger(__name__)
 

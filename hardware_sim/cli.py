@@ -12,9 +12,9 @@ from pathlib import Path
 
 from bin_controller.app import apply_overrides, attach, open_store
 from bin_controller.bins import BINS
-from bin_controller.classifier import Classifier
 from bin_controller.config import load_config
 from bin_controller.errors import SmartbinError
+from bin_controller.vision.classifier import Classifier
 from hardware_sim.mechanics import SimItem
 from hardware_sim.simulate import Faults, run_simulation
 from hardware_sim.sources import FolderSource, GeneratedSource

@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 
 from bin_controller.bins import BINS
-from bin_controller.classifier import Classifier
 from bin_controller.config import Config
-from bin_controller.flap import Flap, Gate
-from bin_controller.sensors import make_sensor
-from bin_controller.sorter import MemoryRecorder, Recorder, SortEvent, SortingLoop, State
+from bin_controller.domain import SortEvent, State
+from bin_controller.hardware.flap import Flap, Gate
+from bin_controller.hardware.sensors import make_sensor
+from bin_controller.sorter import MemoryRecorder, Recorder, SortingLoop
+from bin_controller.vision.classifier import Classifier
 from hardware_sim.mechanics import SimBin, SimCamera, SimItem, Timing
 
 log = logging.getLogger(__name__)

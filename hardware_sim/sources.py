@@ -11,7 +11,7 @@ from PIL import Image
 
 from bin_controller.bins import BINS, bin_from_prefix
 from bin_controller.errors import ImageError, SmartbinError
-from bin_controller.preprocess import load_image
+from bin_controller.vision.preprocess import load_image
 from hardware_sim import items
 from hardware_sim.mechanics import SimItem
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bin_controller.fetch import sha256_bytes
+from bin_controller.vision.fetch import sha256_bytes
 from tests.conftest import MOBILENET_MEMBER, MOBILENET_SHA, MOBILENET_URL
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from bin_controller.bins import BINS, bin_from_prefix
-from bin_controller.bundle import REPO_MODELS, load_bundle
-from bin_controller.classifier import Classifier
 from bin_controller.errors import BundleError
+from bin_controller.vision.bundle import REPO_MODELS, load_bundle
+from bin_controller.vision.classifier import Classifier
 from tests.conftest import require_shared
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bin_controller import tflite_format as tfl
-from bin_controller.backends import resolve_backend
-from bin_controller.bundle import InputSpec
-from bin_controller.classifier import Classifier
-from bin_controller.preprocess import load_image, prepare_image
+from bin_controller.vision import tflite_format as tfl
+from bin_controller.vision.backends import resolve_backend
+from bin_controller.vision.bundle import InputSpec
+from bin_controller.vision.classifier import Classifier
+from bin_controller.vision.preprocess import load_image, prepare_image
 from hardware_sim import items
 from tests.conftest import trashnet_sample
 from tests.helpers import imagenet_bundle, local_bundle
@@ -180,6 +180,6 @@ def test_tensorflow_backend_when_installed():
 
 
 def _available():
-    from bin_controller.backends import available_backends
+    from bin_controller.vision.backends import available_backends
 
     return available_backends()

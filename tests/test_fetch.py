@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bin_controller import fetch
-from bin_controller.classifier import Classifier
 from bin_controller.errors import BundleError
+from bin_controller.vision import fetch
+from bin_controller.vision.classifier import Classifier
 from tests.conftest import MOBILENET_MEMBER, MOBILENET_SHA
 from tests.helpers import imagenet_bundle
 

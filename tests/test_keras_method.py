@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from bin_controller.bundle import load_bundle
-from bin_controller.classifier import Classifier
+from bin_controller.vision.bundle import load_bundle
+from bin_controller.vision.classifier import Classifier
 from tests.test_cli import smartbin
 from tests.test_training import make_dataset
 

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from bin_controller.app import attach, open_store
 from bin_controller.bins import BINS
-from bin_controller.classifier import Classifier
 from bin_controller.config import config_from_dict
+from bin_controller.vision.classifier import Classifier
 from hardware_sim.simulate import run_simulation
 from hardware_sim.sources import GeneratedSource
 from tests.broker import Broker, Listener, request
@@ -160,8 +160,8 @@ class _Bin:
     def __init__(self, port, demo, tmp_path):
         import threading
 
-        from bin_controller.flap import Flap
-        from bin_controller.sensors import make_sensor
+        from bin_controller.hardware.flap import Flap
+        from bin_controller.hardware.sensors import make_sensor
         from bin_controller.sorter import SortingLoop
         from hardware_sim.mechanics import SimBin, SimCamera, Timing
         from hardware_sim.simulate import sim_config
@@ -284,7 +284,7 @@ def _is_valid(name: str, payload: bytes) -> bool:
 
 def test_bad_bin_id_for_topics():
     from bin_controller.errors import SmartbinError
-    from bin_controller.telemetry import Telemetry
+    from bin_controller.mqtt.telemetry import Telemetry
 
     with pytest.raises(SmartbinError, match="single MQTT topic level"):
         Telemetry(mqtt_cfg(1).mqtt, bin_id="a/b", store=None)

@@ -13,8 +13,8 @@ import pytest
 
 from bin_controller.config import config_from_dict
 from bin_controller.errors import SmartbinError
+from bin_controller.mqtt.telemetry import Telemetry
 from bin_controller.store import Store
-from bin_controller.telemetry import Telemetry
 from tests.broker import Broker, mosquitto_binary
 
 PASSWORD = "s3cret-Pa55-do-not-log"
@@ -123,7 +123,7 @@ def test_missing_tls_files_are_a_clear_error(tmp_path):
 
 
 def test_systemd_credential_is_used(tmp_path, monkeypatch):
-    from bin_controller.telemetry import read_password
+    from bin_controller.mqtt.telemetry import read_password
 
     (tmp_path / "mqtt_password").write_text("from-credential\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))

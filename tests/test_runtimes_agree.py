@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from bin_controller.classifier import Classifier
+from bin_controller.vision.classifier import Classifier
 from tests.conftest import trashnet_sample
 from tests.helpers import imagenet_bundle
 from tests.test_cli import smartbin

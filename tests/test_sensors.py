@@ -7,7 +7,7 @@ import time
 from gpiozero.pins.mock import MockFactory, MockPWMPin, MockTriggerPin
 
 from bin_controller.config import config_from_dict
-from bin_controller.sensors import make_sensor
+from bin_controller.hardware.sensors import make_sensor
 
 
 class _Trigger(MockTriggerPin, MockPWMPin):

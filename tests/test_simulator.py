@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from bin_controller.classifier import Classifier
 from bin_controller.config import config_from_dict
-from bin_controller.sorter import State
+from bin_controller.domain import State
+from bin_controller.vision.classifier import Classifier
 from hardware_sim.mechanics import Timing
 from hardware_sim.simulate import Faults, run_simulation
 from hardware_sim.sources import GeneratedSource
@@ -178,8 +178,8 @@ def test_sort_next_pause_resume_and_calibrate(demo):
 
 
 def test_pause_holds_the_item_until_resume(demo):
-    from bin_controller.flap import Flap
-    from bin_controller.sensors import make_sensor
+    from bin_controller.hardware.flap import Flap
+    from bin_controller.hardware.sensors import make_sensor
     from bin_controller.sorter import MemoryRecorder, SortingLoop
     from hardware_sim.mechanics import SimBin, SimCamera
     from hardware_sim.simulate import sim_config

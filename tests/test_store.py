@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from bin_controller.sorter import SortEvent
+from bin_controller.domain import SortEvent
 from bin_controller.store import Store
 from tests.broker import Broker, Listener
 from tests.conftest import REPO

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bin_controller import tflite_format as tfl
-from bin_controller.backends import resolve_backend
-from bin_controller.bundle import InputSpec
-from bin_controller.preprocess import load_image, prepare_image
+from bin_controller.vision import tflite_format as tfl
+from bin_controller.vision.backends import resolve_backend
+from bin_controller.vision.bundle import InputSpec
+from bin_controller.vision.preprocess import load_image, prepare_image
 from tests.conftest import trashnet_sample
 from training.export_head import export_head
 from training.head import Dense, forward, softmax

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bin_controller.bundle import load_bundle
-from bin_controller.classifier import Classifier
 from bin_controller.config import config_from_dict
+from bin_controller.vision.bundle import load_bundle
+from bin_controller.vision.classifier import Classifier
 from hardware_sim import items
 from hardware_sim.simulate import run_simulation
 from hardware_sim.sources import FolderSource

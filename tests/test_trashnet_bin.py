@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bin_controller.bundle import REPO_MODELS
-from bin_controller.classifier import Classifier
 from bin_controller.config import config_from_dict
+from bin_controller.vision.bundle import REPO_MODELS
+from bin_controller.vision.classifier import Classifier
 from hardware_sim.simulate import run_simulation
 from hardware_sim.sources import FolderSource
 

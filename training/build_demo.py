@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bin_controller.bundle import REPO_MODELS, write_manifest
-from bin_controller.fetch import sha256_bytes
+from bin_controller.vision.bundle import REPO_MODELS, write_manifest
+from bin_controller.vision.fetch import sha256_bytes
 from hardware_sim import items
 from training.export_head import export_head, pooling_backbone
 from training.features import StageFeatures

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 
 from bin_controller.bins import BINS
-from bin_controller.bundle import Bundle
-from bin_controller.classifier import Classifier, dequantize
 from bin_controller.errors import SmartbinError
-from bin_controller.preprocess import load_image, prepare_image
+from bin_controller.vision.bundle import Bundle
+from bin_controller.vision.classifier import Classifier, dequantize
+from bin_controller.vision.preprocess import load_image, prepare_image
 from training.dataset import SPLITS, Sample, load_dataset, load_split
 from training.features import Progress
 from training.head import Dense, forward, softmax

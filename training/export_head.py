@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bin_controller import tflite_format as tfl
+from bin_controller.vision import tflite_format as tfl
 from training.head import Dense, forward
 
 

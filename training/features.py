@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from bin_controller.backends import make_interpreter
-from bin_controller.bundle import InputSpec
-from bin_controller.classifier import Quant, StageRunner, dequantize, pixel_mapper
-from bin_controller.preprocess import load_image, prepare_array, prepare_image
+from bin_controller.vision.backends import make_interpreter
+from bin_controller.vision.bundle import InputSpec
+from bin_controller.vision.classifier import Quant, StageRunner, dequantize, pixel_mapper
+from bin_controller.vision.preprocess import load_image, prepare_array, prepare_image
 
 # Views of each photo. "full" (the whole frame) and "center" (square centre crop) are what
 # a bin can be configured to see; the rest are the augmentation a practitioner uses on a

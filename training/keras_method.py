@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from bin_controller.bundle import InputSpec, write_manifest
 from bin_controller.errors import SmartbinError
-from bin_controller.fetch import sha256_bytes
-from bin_controller.preprocess import load_image, prepare_image
+from bin_controller.vision.bundle import InputSpec, write_manifest
+from bin_controller.vision.fetch import sha256_bytes
+from bin_controller.vision.preprocess import load_image, prepare_image
 from training.dataset import Sample, load_dataset
 from training.evaluate import SPLIT_FILE
 from training.train import finalize

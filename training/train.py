@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from bin_controller import tflite_format
-from bin_controller.bundle import MANIFEST, load_bundle, write_manifest
 from bin_controller.errors import SmartbinError
-from bin_controller.fetch import RemoteFile, cache_dir, fetch_bytes, resolve, sha256_bytes
+from bin_controller.vision import tflite_format
+from bin_controller.vision.bundle import MANIFEST, load_bundle, write_manifest
+from bin_controller.vision.fetch import RemoteFile, cache_dir, fetch_bytes, resolve, sha256_bytes
 from training.dataset import Dataset, load_dataset
 from training.evaluate import SPLIT_FILE, evaluate, save_float_head, write_report
 from training.export_head import export_head

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from bin_controller.backends import make_interpreter
 from bin_controller.bins import BINS
-from bin_controller.bundle import Bundle, InputSpec, Label, load_bundle
 from bin_controller.errors import BundleError, SmartbinError
-from bin_controller.preprocess import load_image, prepare_array, prepare_image
+from bin_controller.vision.backends import make_interpreter
+from bin_controller.vision.bundle import Bundle, InputSpec, Label, load_bundle
+from bin_controller.vision.preprocess import load_image, prepare_array, prepare_image
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bin_controller.backends import available_backends
-from bin_controller.classifier import Classifier
-from bin_controller.preprocess import prepare_array
+from bin_controller.vision.backends import available_backends
+from bin_controller.vision.classifier import Classifier
+from bin_controller.vision.preprocess import prepare_array
 
 CAMERA_FRAME = (304, 224)  # the camera's default frame (config camera.width/height)
 
@@ -128,8 +128,8 @@ def run_idle(args: argparse.Namespace) -> int:
     import threading
 
     from bin_controller.config import load_config
-    from bin_controller.flap import Flap
-    from bin_controller.sensors import make_sensor
+    from bin_controller.hardware.flap import Flap
+    from bin_controller.hardware.sensors import make_sensor
     from bin_controller.sorter import MemoryRecorder, SortingLoop
     from hardware_sim.mechanics import SimBin, SimCamera, Timing
     from hardware_sim.simulate import sim_config
@@ -158,7 +158,7 @@ def run_idle(args: argparse.Namespace) -> int:
 
 def run_store(args: argparse.Namespace) -> int:
     """Items committed per second (count + journal + outbox in one transaction)."""
-    from bin_controller.sorter import SortEvent
+    from bin_controller.domain import SortEvent
     from bin_controller.store import Store
 
     print(f"{args.items} items per run, each: begin (pending) + commit (count, journal, "

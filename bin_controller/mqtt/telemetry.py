@@ -34,8 +34,8 @@ import paho.mqtt.client as mqtt
 from bin_controller import __version__
 from bin_controller.bins import BINS
 from bin_controller.config import MqttSection
+from bin_controller.domain import Fault, SortEvent, State
 from bin_controller.errors import SmartbinError
-from bin_controller.sorter import Fault, SortEvent, State
 from bin_controller.store import Store
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from bin_controller.bundle import InputSpec
 from bin_controller.errors import ImageError
+from bin_controller.vision.bundle import InputSpec
 
 
 def _crop_box(width: int, height: int, spec: InputSpec) -> tuple[int, int, int, int]:

@@ -6,10 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 from bin_controller.bins import BINS
-from bin_controller.classifier import Classifier
 from bin_controller.config import Config
 from bin_controller.sorter import SortingLoop
 from bin_controller.store import Store
+from bin_controller.vision.classifier import Classifier
 
 RESET_CONFIRMATION = "reset_counts"
 

@@ -17,7 +17,7 @@ MIN_FREE_MB = 100
 
 
 def _model(cfg: Config) -> str:
-    from bin_controller.classifier import Classifier
+    from bin_controller.vision.classifier import Classifier
 
     c = Classifier(cfg.model.bundle, backend=cfg.model.backend, num_threads=cfg.model.threads,
                    backbone=cfg.model.backbone or None)
@@ -26,7 +26,7 @@ def _model(cfg: Config) -> str:
 
 
 def _pins(cfg: Config) -> str:
-    from bin_controller.pins import make_pin_factory
+    from bin_controller.hardware.pins import make_pin_factory
 
     factory = make_pin_factory(cfg.hardware.pin_factory)
     name = type(factory).__name__

@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bin_controller import tflite_format
 from bin_controller.bins import BINS
 from bin_controller.errors import BundleError
-from bin_controller.fetch import RemoteFile, resolve, sha256_bytes
+from bin_controller.vision import tflite_format
+from bin_controller.vision.fetch import RemoteFile, resolve, sha256_bytes
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-REPO_MODELS = Path(__file__).resolve().parent.parent / "model"
+REPO_MODELS = Path(__file__).resolve().parents[2] / "model"
 
 
 @dataclass(frozen=True)

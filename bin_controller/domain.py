@@ -1,0 +1,52 @@
+"""What the bin talks about: its states, a sorted item, a fault. No behaviour, no imports
+of the loop, the store or MQTT, so each of them can depend on this alone."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class State(enum.StrEnum):
+    IDLE = "idle"
+    SETTLING = "settling"
+    CAPTURING = "capturing"
+    CLASSIFYING = "classifying"
+    SORTING = "sorting"
+    CLEARING = "clearing"
+    COOLDOWN = "cooldown"
+    PAUSED = "paused"
+    FAULT = "fault"
+
+
+@dataclass
+class SortEvent:
+    """One sorted item, as stored and published."""
+
+    time: float
+    bin: str
+    label: str | None
+    label_en: str | None
+    confidence: float | None  # of the label
+    uncertain: bool
+    failed: bool
+    forced: bool
+    cycle_ms: float  # sensor edge to item counted
+    decision_ms: float  # sensor edge to servo command
+    model: str
+    model_version: str
+    error: str | None = None
+    bin_confidence: float | None = None  # of the bin: the sum over its labels
+    seq: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Fault:
+    kind: str  # jam, camera, classifier, double_drop
+    detail: str
+    time: float = field(default_factory=time.time)

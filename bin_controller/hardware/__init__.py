@@ -1,0 +1,1 @@
+"""The bin's hardware behind small interfaces: pins, presence sensor, flap, gate, camera."""

@@ -1,0 +1,1 @@
+"""MQTT: telemetry out, commands in."""
