@@ -42,22 +42,21 @@ def attach(cfg: Config, loop: SortingLoop, store: Store) -> Telemetry | None:
     return telemetry
 
 
-def apply_overrides(cfg: Config, args: Any) -> Config:
+def cli_overrides(args: Any) -> dict[str, Any]:
     """--mqtt HOST[:PORT], --bin-id, --state-dir, --model and --backbone from the command
     line, over the configuration file."""
     from bin_controller.mqtt.telemetry import parse_host
 
+    overrides: dict[str, Any] = {}
     if getattr(args, "mqtt", None):
         host, port = parse_host(args.mqtt)
-        cfg.mqtt.enabled, cfg.mqtt.host = True, host
-        if port:
-            cfg.mqtt.port = port
+        overrides["mqtt"] = {"enabled": True, "host": host, **({"port": port} if port else {})}
     if getattr(args, "bin_id", None):
-        cfg.bin.id = args.bin_id
+        overrides.setdefault("bin", {})["id"] = args.bin_id
     if getattr(args, "state_dir", None):
-        cfg.bin.state_dir = str(args.state_dir)
+        overrides.setdefault("bin", {})["state_dir"] = str(args.state_dir)
     if getattr(args, "backbone", None):
-        cfg.model.backbone = str(args.backbone)
+        overrides.setdefault("model", {})["backbone"] = str(args.backbone)
     if getattr(args, "model", None):
-        cfg.model.bundle = str(args.model)
-    return cfg
+        overrides.setdefault("model", {})["bundle"] = str(args.model)
+    return overrides

@@ -10,16 +10,15 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from bin_controller.bins import BINS
-from bin_controller.errors import SmartbinError
+from bin_controller.errors import ConfigError
 
-
-class ConfigError(SmartbinError):
-    """The configuration file or a value in it is wrong."""
+__all__ = ["Config", "ConfigError", "config_from_dict", "load_config", "merge"]
 
 
 def _opt(default: Any, doc: str, *, choices: tuple | None = None, min: float | None = None,
@@ -42,7 +41,7 @@ def _default_state_dir() -> str:
     return str(Path(base) / "smartbin")
 
 
-@dataclass
+@dataclass(frozen=True)
 class BinSection:
     id: str = _opt(None, "Bin id used in MQTT topics and logs; defaults to the host name.",
                    factory=_hostname)
@@ -50,9 +49,12 @@ class BinSection:
                                 "or ~/.local/state/smartbin.", factory=_default_state_dir)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSection:
-    bundle: str = _opt("demo", "Model bundle folder, or a bundle name under model/.")
+    bundle: str = _opt("demo", "Model bundle: a folder, or a name looked up in model.dir, "
+                               "then among the bundles shipped with smartbin.")
+    dir: str = _opt(None, "Folder of trained and taught bundles; defaults to $SMARTBIN_MODELS "
+                          "or <bin.state_dir>/models.", factory=str)
     backend: str = _opt("auto", "TFLite runtime.",
                         choices=("auto", "litert", "tflite-runtime", "tensorflow"))
     threads: int = _opt(2, "Interpreter threads.", min=1, max=8)
@@ -64,14 +66,14 @@ class ModelSection:
     retries: int = _opt(2, "Extra attempts after a camera or classifier error.", min=0, max=10)
 
 
-@dataclass
+@dataclass(frozen=True)
 class HardwareSection:
     pin_factory: str = _opt("auto", "gpiozero pin factory: auto picks the Pi's (lgpio on "
                                     "Pi OS); mock is gpiozero's MockFactory.",
                             choices=("auto", "lgpio", "rpigpio", "pigpio", "native", "mock"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SensorSection:
     type: str = _opt("beam", "Presence sensor: IR break-beam, ultrasonic distance or PIR motion.",
                      choices=("beam", "ultrasonic", "pir"))
@@ -92,7 +94,7 @@ class SensorSection:
                         max=120.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CameraSection:
     type: str = _opt("picamera2", "Camera on the bin (picamera2), or the simulator's.",
                      choices=("picamera2", "simulated"))
@@ -113,7 +115,7 @@ def _default_angles() -> dict[str, float]:
     return {"recyclable": -60.0, "kitchen": -20.0, "hazardous": 20.0, "other": 60.0}
 
 
-@dataclass
+@dataclass(frozen=True)
 class FlapSection:
     pin: int = _opt(18, "Servo signal GPIO (hardware PWM pins 12, 13, 18, 19 jitter least).",
                     min=0, max=27)
@@ -130,7 +132,7 @@ class FlapSection:
                          max=5.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GateSection:
     enabled: bool = _opt(False, "A second servo that closes the chute during a cycle.")
     pin: int = _opt(13, "Gate servo GPIO.", min=0, max=27)
@@ -139,7 +141,7 @@ class GateSection:
     move_s: float = _opt(0.3, "Time the gate servo needs for a move.", min=0.0, max=5.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoopSection:
     cooldown_s: float = _opt(0.2, "Pause after each item before the next is accepted.",
                              min=0.0, max=10.0)
@@ -147,7 +149,7 @@ class LoopSection:
                          min=0.05, max=10.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StoreSection:
     synchronous: str = _opt("full", "SQLite durability: full survives a power cut; normal only "
                                     "a crash of the service.", choices=("full", "normal"))
@@ -158,7 +160,7 @@ class StoreSection:
                                     "stay exact).", min=100, max=10_000_000)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MqttSection:
     enabled: bool = _opt(False, "Publish over MQTT (smartbin run/simulate --mqtt also sets it).")
     host: str = _opt("localhost", "Broker host.")
@@ -178,7 +180,7 @@ class MqttSection:
                                    max=3600.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     bin: BinSection = field(default_factory=BinSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -190,6 +192,15 @@ class Config:
     loop: LoopSection = field(default_factory=LoopSection)
     store: StoreSection = field(default_factory=StoreSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The raw table this config would be read from (every value explicit)."""
+        return asdict(self)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
+        """A new config: this one's values with `overrides` merged in, validated again as
+        a whole (the original is frozen and stays as it was)."""
+        return config_from_dict(self.to_dict(), overrides)
 
 
 # --------------------------------------------------------------------------- validation
@@ -296,16 +307,37 @@ def _cross_checks(cfg: Config) -> None:
         seen[pin] = name
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    cfg = _build(Config, data, "")
+def merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` laid over it, table by table (neither is changed)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        elif isinstance(value, Mapping):
+            out[key] = merge({}, value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: Mapping[str, Any],
+                     overrides: Mapping[str, Any] | None = None) -> Config:
+    """Validate a raw table (with command-line or simulator overrides laid over it first,
+    so every check sees the final values) into a frozen Config."""
+    cfg = _build(Config, merge(dict(data), overrides or {}), "")
     _cross_checks(cfg)
+    if not cfg.model.dir:
+        models = os.environ.get("SMARTBIN_MODELS") or str(Path(cfg.bin.state_dir) / "models")
+        cfg = replace(cfg, model=replace(cfg.model, dir=models))
     return cfg
 
 
-def load_config(path: str | Path | None) -> Config:
-    """The configuration in `path`, or the defaults when path is None."""
+def load_config(path: str | Path | None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """The configuration in `path` (the defaults when None), with `overrides` merged in
+    before validation."""
     if path is None:
-        return config_from_dict({})
+        return config_from_dict({}, overrides)
     p = Path(path)
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
@@ -316,7 +348,7 @@ def load_config(path: str | Path | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
     try:
-        return config_from_dict(data)
+        return config_from_dict(data, overrides)
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from exc
 
@@ -337,7 +369,7 @@ def reference() -> list[tuple[str, str, Any, str]]:
             elif meta.get("min") is not None:
                 doc += f" Range {meta['min']} to {meta['max']}."
             default = getattr(sec_default, f.name)
-            if f.name in ("id", "state_dir"):
+            if f.name in ("id", "state_dir", "dir"):
                 default = "(see description)"
             rows.append((f"{section.name}.{f.name}", _type_name(hints[f.name]), default, doc))
     return rows

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bin_controller.app import apply_overrides, attach, open_store
+from bin_controller.app import attach, cli_overrides, open_store
 from bin_controller.config import Config, load_config
 from bin_controller.errors import SmartbinError
 from bin_controller.hardware.flap import Flap, Gate
@@ -107,7 +107,7 @@ def _status_line(loop: SortingLoop) -> str:
 
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    cfg = apply_overrides(load_config(args.config), args)
+    cfg = load_config(args.config, cli_overrides(args))
     notifier = Notifier()
     with ExitStack() as stack:
         feeder = None

@@ -10,7 +10,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from bin_controller.app import apply_overrides, attach, open_store
+from bin_controller.app import attach, cli_overrides, open_store
 from bin_controller.bins import BINS
 from bin_controller.config import load_config
 from bin_controller.errors import SmartbinError
@@ -84,7 +84,7 @@ def _line(item: SimItem) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.items < 1:
         raise SmartbinError("--items must be 1 or more")
-    cfg = apply_overrides(load_config(args.config), args)
+    cfg = load_config(args.config, cli_overrides(args))
     model = cfg.model.bundle
     classifier = Classifier(model, backend=cfg.model.backend, num_threads=cfg.model.threads,
                             backbone=cfg.model.backbone or None)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         double_drop=_item_numbers(args.double_drop),
     )
     if faults.jam:
-        cfg.sensor.jam_s = min(cfg.sensor.jam_s, 1.0)
+        cfg = cfg.with_overrides({"sensor": {"jam_s": min(cfg.sensor.jam_s, 1.0)}})
     print(f"simulating {len(items)} items from {source.name} with model {model} "
           f"({classifier.backend}), {'fast' if args.fast else 'real-time'} mechanics",
           flush=True)

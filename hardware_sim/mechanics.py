@@ -359,7 +359,7 @@ class SimCamera:
         self.captures = 0
 
     def capture(self) -> np.ndarray:
-        from bin_controller.hardware.camera import CameraError
+        from bin_controller.errors import CameraError
 
         if self.hang_s:
             time.sleep(self.hang_s)

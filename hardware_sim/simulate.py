@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from bin_controller.bins import BINS
-from bin_controller.config import Config
+from bin_controller.config import Config, merge
 from bin_controller.domain import SortEvent, State
 from bin_controller.hardware.flap import Flap, Gate
 from bin_controller.hardware.sensors import make_sensor
@@ -57,15 +57,14 @@ class _SlowClassifier:
 
 def sim_config(cfg: Config, fast: bool) -> Config:
     """The simulator has no real camera and uses gpiozero's mock pins."""
-    cfg.camera.type = "simulated"
-    cfg.hardware.pin_factory = "mock"
+    overrides: dict[str, Any] = {"camera": {"type": "simulated"},
+                                 "hardware": {"pin_factory": "mock"}}
     if fast:
-        cfg.sensor.settle_s = 0.0
-        cfg.flap.move_s = cfg.flap.hold_s = 0.0
-        cfg.gate.move_s = 0.0
-        cfg.loop.cooldown_s = 0.0
-        cfg.camera.warmup_s = 0.0
-    return cfg
+        overrides = merge(overrides, {
+            "sensor": {"settle_s": 0.0}, "flap": {"move_s": 0.0, "hold_s": 0.0},
+            "gate": {"move_s": 0.0}, "loop": {"cooldown_s": 0.0},
+            "camera": {"warmup_s": 0.0}})
+    return cfg.with_overrides(overrides)
 
 
 @dataclass

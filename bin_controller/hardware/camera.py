@@ -8,7 +8,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from bin_controller.config import CameraSection
-from bin_controller.errors import SmartbinError
+from bin_controller.errors import CameraError, SmartbinError
 
 
 class Camera(Protocol):
@@ -17,10 +17,6 @@ class Camera(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-class CameraError(RuntimeError):
-    """A capture failed; the loop retries, then sends the item to the fallback bin."""
 
 
 class PiCamera:

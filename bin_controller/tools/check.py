@@ -9,7 +9,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from bin_controller.app import apply_overrides
+from bin_controller.app import cli_overrides
 from bin_controller.config import Config, load_config
 from bin_controller.errors import SmartbinError
 
@@ -73,7 +73,7 @@ def _disk(cfg: Config) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg = apply_overrides(load_config(args.config), args)
+        cfg = load_config(args.config, cli_overrides(args))
     except SmartbinError as exc:
         print(f"FAIL config: {exc}")
         return 1
