@@ -1,9 +1,40 @@
-"""The composition root: the one place that turns a validated config into a running bin."""
+"""The composition root: the one place that turns a validated config into a running bin.
+
+Service, simulator, benchmarks and tests all build the bin here. Parts are opened in the
+order of the cycle (pins, camera, sensor, classifier, flap, gate, store, telemetry) and
+closed in reverse; hardware comes from the registry by configuration. Callers may hand in
+a classifier or a recorder of their own (a simulation that keeps counts in memory, a test's
+broken classifier); everything else follows from the config.
+"""
 
 from __future__ import annotations
 
-from bin_controller.config import ModelSection
+import logging
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from gpiozero import Factory
+
+from bin_controller.config import Config, ModelSection
+from bin_controller.hardware import registry
+from bin_controller.hardware.flap import ServoFlap, ServoGate
+from bin_controller.hardware.sensors import make_sensor
+from bin_controller.mqtt.telemetry import Telemetry
+from bin_controller.parts import (
+    Background,
+    Camera,
+    Flap,
+    Gate,
+    ImageClassifier,
+    PresenceSensor,
+    Recorder,
+)
+from bin_controller.sorter import SortingLoop
+from bin_controller.store import Store
 from bin_controller.vision.classifier import Classifier
+
+log = logging.getLogger(__name__)
 
 
 def make_classifier(model: ModelSection, *, bundle: str | None = None,
@@ -12,3 +43,100 @@ def make_classifier(model: ModelSection, *, bundle: str | None = None,
     and checked completely: a broken bundle raises before anything uses it."""
     return Classifier(bundle or model.bundle, backend=model.backend,
                       num_threads=threads or model.threads, backbone=model.backbone or None)
+
+
+def open_store(cfg: Config) -> Store:
+    return Store(cfg.bin.state_dir, synchronous=cfg.store.synchronous.upper(),
+                 journal_keep=cfg.store.journal_keep, outbox_max=cfg.store.outbox_max)
+
+
+@dataclass
+class Bin:
+    """Every part of one bin, wired; `start()` brings it to life, `close()` ends it."""
+
+    config: Config
+    pin_factory: Factory
+    camera: Camera
+    sensor: PresenceSensor
+    classifier: ImageClassifier
+    flap: Flap
+    gate: Gate | None
+    recorder: Recorder
+    loop: SortingLoop
+    store: Store | None = None
+    telemetry: Telemetry | None = None
+    _stack: ExitStack = field(default_factory=ExitStack, repr=False)
+
+    def start(self) -> None:
+        """Start the parts' own work, settle an item cut short by a crash, connect MQTT."""
+        for part in (self.camera, self.sensor, self.flap, self.gate):
+            if isinstance(part, Background):
+                part.start()
+        if self.store is not None:
+            for event in self.store.recover(item_still_present=self.sensor.present):
+                log.info("recovered item #%d (%s)", event.seq, event.bin)
+        if self.telemetry is not None:
+            self.telemetry.start()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Bin:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def build_bin(cfg: Config, *, classifier: ImageClassifier | None = None,
+              recorder: Recorder | None = None) -> Bin:
+    """The bin `cfg` describes. With no recorder, counts go to the SQLite store in
+    bin.state_dir (and MQTT, when enabled, publishes from it)."""
+    with ExitStack() as stack:
+        pin_factory = registry.make_pin_factory(cfg.hardware.pin_factory)
+        stack.callback(pin_factory.close)
+        camera = registry.make_camera(cfg, pin_factory)
+        stack.callback(camera.close)
+        sensor = make_sensor(cfg.sensor, pin_factory)
+        stack.callback(sensor.close)
+        if classifier is None:
+            classifier = make_classifier(cfg.model)
+        flap = ServoFlap(cfg.flap, pin_factory)
+        stack.callback(flap.close)
+        gate = None
+        if cfg.gate.enabled:
+            gate = ServoGate(cfg.gate, pin_factory)
+            stack.callback(gate.close)
+        store = None
+        if recorder is None:
+            store = recorder = open_store(cfg)
+            stack.callback(store.close)
+        loop = SortingLoop(config=cfg, sensor=sensor, camera=camera, classifier=classifier,
+                           flap=flap, recorder=recorder, gate=gate)
+        telemetry = None
+        if cfg.mqtt.enabled and store is not None:
+            telemetry = _telemetry(cfg, loop, store)
+            stack.callback(telemetry.stop)
+        return Bin(config=cfg, pin_factory=pin_factory, camera=camera, sensor=sensor,
+                   classifier=classifier, flap=flap, gate=gate, recorder=recorder, loop=loop,
+                   store=store, telemetry=telemetry, _stack=stack.pop_all())
+    raise AssertionError("unreachable")  # pragma: no cover - ExitStack never swallows
+
+
+def _telemetry(cfg: Config, loop: SortingLoop, store: Store) -> Telemetry:
+    from bin_controller.mqtt.commands import make_dispatcher
+
+    telemetry: Telemetry | None = None
+
+    def counts_changed() -> None:
+        if telemetry is not None and telemetry.connected.is_set():
+            telemetry.publish_counts()
+
+    telemetry = Telemetry(cfg.mqtt, bin_id=cfg.bin.id, store=store,
+                          commands=make_dispatcher(cfg, loop, store, counts_changed),
+                          status=loop.status)
+    loop.on_event.append(telemetry.on_event)
+    loop.on_state.append(telemetry.on_state)
+    loop.on_fault.append(telemetry.on_fault)
+    return telemetry

@@ -6,12 +6,15 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from bin_controller import __version__
 from bin_controller.errors import SmartbinError
 
 DEFAULT_MODEL = "demo"
+COMMAND_GROUP = "smartbin.commands"
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -66,14 +69,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from bin_controller.tools import bench
 
-    return getattr(bench, args.bench_fn)(args)
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from hardware_sim import cli as sim_cli
-
-    sim_cli.configure_logging(False)
-    return sim_cli.run(args)
+    run: Callable[[argparse.Namespace], int] = getattr(bench, args.bench_fn)
+    return run(args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -182,12 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--toml", action="store_true", help="a commented example config.toml")
     p.set_defaults(func=cmd_config_doc)
 
-    p = sub.add_parser("simulate", help="run the whole bin on simulated hardware")
-    from hardware_sim.cli import add_arguments
-
-    add_arguments(p)
-    p.set_defaults(func=cmd_simulate)
-
     p = sub.add_parser("train", help="train a bundle from a folder of labelled photos")
     p.add_argument("--data", type=Path, required=True,
                    help="class subfolders, or train/ val/ test/ holding them")
@@ -230,18 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backends", default=None,
                    help="comma list (default: every backend importable here)")
     b.set_defaults(func=cmd_bench, bench_fn="run")
-    b = bench_sub.add_parser("cycle", help="sensor edge to servo command, fast simulator")
-    _add_model_options(b)
-    b.add_argument("--config", type=Path)
-    b.add_argument("--items", type=int, default=200)
-    b.add_argument("--images", type=Path, help="folder of class subfolders (default: generated)")
-    b.add_argument("--bin-map", type=Path)
-    b.set_defaults(func=cmd_bench, bench_fn="run_cycle")
-    b = bench_sub.add_parser("idle", help="CPU use of the idle service")
-    _add_model_options(b)
-    b.add_argument("--config", type=Path)
-    b.add_argument("--seconds", type=float, default=30.0)
-    b.set_defaults(func=cmd_bench, bench_fn="run_idle")
     b = bench_sub.add_parser("store", help="items per second the store commits")
     b.add_argument("--items", type=int, default=2000)
     b.add_argument("--dir", default=None, help="folder on the disk to measure (default: /tmp)")
@@ -251,7 +230,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backbone", default=None)
     b.add_argument("--items", type=int, default=1000)
     b.set_defaults(func=cmd_bench, bench_fn="run_service")
+    _add_plugin_commands(CommandTables(sub, bench_sub))
     return parser
+
+
+@dataclass(frozen=True)
+class CommandTables:
+    """Where a plugin adds its commands: `smartbin <command>` and `smartbin bench <what>`."""
+
+    commands: argparse._SubParsersAction[argparse.ArgumentParser]
+    bench: argparse._SubParsersAction[argparse.ArgumentParser]
+
+    def add_model_options(self, parser: argparse.ArgumentParser) -> None:
+        _add_model_options(parser)
+
+
+def _add_plugin_commands(tables: CommandTables) -> None:
+    """Commands of other packages (the simulator's `simulate`, `bench cycle`, `bench idle`),
+    declared as entry points in the group `smartbin.commands`: each is a function that takes
+    the CommandTables. The core CLI so never imports them until one is run."""
+    for entry in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        entry.load()(tables)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,8 +21,8 @@ from bin_controller.errors import ConfigError
 __all__ = ["Config", "ConfigError", "config_from_dict", "load_config", "merge"]
 
 
-def _opt(default: Any, doc: str, *, choices: tuple | None = None, min: float | None = None,
-         max: float | None = None, factory: Any = None) -> Any:
+def _opt(default: Any, doc: str, *, choices: tuple[Any, ...] | None = None,
+         min: float | None = None, max: float | None = None, factory: Any = None) -> Any:
     meta = {"doc": doc, "choices": choices, "min": min, "max": max}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -181,6 +181,39 @@ class MqttSection:
 
 
 @dataclass(frozen=True)
+class SimulatorSection:
+    """Only read when camera.type = "simulated": the physical world behind the mock pins."""
+
+    fast: bool = _opt(False, "Simulator: items fall, slide and the servo turns in no time.")
+    fall_s: float = _opt(0.25, "Simulator: time an item takes from the chute to the flap.",
+                         min=0.0, max=10.0)
+    slide_s: float = _opt(0.15, "Simulator: time an item takes off the flap into a "
+                                "compartment.", min=0.0, max=10.0)
+    servo_deg_per_s: float = _opt(450.0, "Simulator: servo speed (an MG90S turns about 60 "
+                                         "degrees in 0.13 s).", min=1.0, max=100000.0)
+    tip_deg: float = _opt(12.0, "Simulator: flap angle from rest at which an item slides off.",
+                          min=1.0, max=90.0)
+    world_dir: str = _opt("", "Simulator: folder where the world (what lies on the flap, what "
+                              "landed) is kept across restarts; empty: in memory.")
+    drop_interval_s: float = _opt(0.0, "Simulator: a person drops a generated item this often "
+                                       "while the service runs; 0: nobody does.",
+                                  min=0.0, max=3600.0)
+    drop_items: int = _opt(0, "Simulator: the person stops after this many items; 0: never.",
+                           min=0, max=10_000_000)
+    seed: int = _opt(0, "Simulator: seed of the generated items.", min=0, max=2**31 - 1)
+    hang_camera_at: int = _opt(0, "Simulator: this capture never returns (to see the "
+                                  "watchdog act); 0: none.", min=0, max=10_000_000)
+
+
+# Overrides for a simulation without mechanical delays: the controller's waits and the
+# simulated world's physics both take no time.
+FAST_MECHANICS: dict[str, dict[str, Any]] = {
+    "simulator": {"fast": True}, "sensor": {"settle_s": 0.0},
+    "flap": {"move_s": 0.0, "hold_s": 0.0}, "gate": {"move_s": 0.0},
+    "loop": {"cooldown_s": 0.0}, "camera": {"warmup_s": 0.0}}
+
+
+@dataclass(frozen=True)
 class Config:
     bin: BinSection = field(default_factory=BinSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -192,6 +225,7 @@ class Config:
     loop: LoopSection = field(default_factory=LoopSection)
     store: StoreSection = field(default_factory=StoreSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
+    simulator: SimulatorSection = field(default_factory=SimulatorSection)
 
     def to_dict(self) -> dict[str, Any]:
         """The raw table this config would be read from (every value explicit)."""
@@ -214,7 +248,7 @@ def _type_name(tp: Any) -> str:
         tp, str(tp))
 
 
-def _check_value(path: str, value: Any, tp: Any, meta: dict) -> Any:
+def _check_value(path: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
     origin = get_origin(tp)
     if origin is dict:
         if not isinstance(value, dict):
@@ -279,6 +313,10 @@ def _cross_checks(cfg: Config) -> None:
         if not cfg.flap.min_angle <= a <= cfg.flap.max_angle:
             raise ConfigError(f"flap.angles.{b} = {a}: outside min_angle..max_angle "
                               f"({cfg.flap.min_angle}..{cfg.flap.max_angle})")
+    if cfg.camera.type == "simulated" and cfg.hardware.pin_factory != "mock":
+        raise ConfigError(f"camera.type = 'simulated' needs hardware.pin_factory = 'mock' (the "
+                          f"simulated bin drives gpiozero's mock pins), not "
+                          f"{cfg.hardware.pin_factory!r}")
     for name in ("prefix", "discovery_prefix"):
         value = getattr(cfg.mqtt, name)
         if not value or any(ch in value for ch in "#+") or value.startswith("/") \
@@ -324,7 +362,7 @@ def config_from_dict(data: Mapping[str, Any],
                      overrides: Mapping[str, Any] | None = None) -> Config:
     """Validate a raw table (with command-line or simulator overrides laid over it first,
     so every check sees the final values) into a frozen Config."""
-    cfg = _build(Config, merge(dict(data), overrides or {}), "")
+    cfg: Config = _build(Config, merge(dict(data), overrides or {}), "")
     _cross_checks(cfg)
     if not cfg.model.dir:
         models = os.environ.get("SMARTBIN_MODELS") or str(Path(cfg.bin.state_dir) / "models")

@@ -13,37 +13,19 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
 import numpy as np
 
 from bin_controller.bins import BINS
 from bin_controller.config import Config
 from bin_controller.domain import Fault, SortEvent, State
+from bin_controller.errors import BusyError, CommandError
+from bin_controller.parts import Camera, Flap, Gate, ImageClassifier, PresenceSensor, Recorder
+from bin_controller.vision.classifier import Prediction
 
 log = logging.getLogger(__name__)
-
-
-class Recorder(Protocol):
-    """Counts and journals an event; returns it with its sequence number."""
-
-    def record(self, event: SortEvent) -> SortEvent: ...
-
-
-class MemoryRecorder:
-    """Counts in memory: for the simulator without a state folder and for tests."""
-
-    def __init__(self) -> None:
-        self.counts = dict.fromkeys(BINS, 0)
-        self.events: list[SortEvent] = []
-        self._lock = threading.Lock()
-
-    def record(self, event: SortEvent) -> SortEvent:
-        with self._lock:
-            event.seq = len(self.events) + 1
-            self.counts[event.bin] += 1
-            self.events.append(event)
-        return event
+T = TypeVar("T")
 
 
 class SortingLoop:
@@ -51,12 +33,12 @@ class SortingLoop:
         self,
         *,
         config: Config,
-        sensor: Any,
-        camera: Any,
-        classifier: Any,
-        flap: Any,
+        sensor: PresenceSensor,
+        camera: Camera,
+        classifier: ImageClassifier,
+        flap: Flap,
         recorder: Recorder,
-        gate: Any = None,
+        gate: Gate | None = None,
     ) -> None:
         self.cfg = config
         self.sensor = sensor
@@ -73,7 +55,9 @@ class SortingLoop:
         self.on_state: list[Callable[[State, str], None]] = []
         self.on_event: list[Callable[[SortEvent], None]] = []
         self.on_fault: list[Callable[[Fault], None]] = []
-        self._wake: queue.Queue[tuple[str, Any]] = queue.Queue()
+        # A submitted command to run on the loop thread, or None: just wake up.
+        self._wake: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._paused = False
         self._next_bin: str | None = None
@@ -85,61 +69,66 @@ class SortingLoop:
     # ------------------------------------------------------------------ commands
     # Called from other threads (MQTT, signals); they run inside the loop's thread.
 
-    def _submit(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
-        if threading.current_thread() is getattr(self, "_thread", None):
-            return fn()
-        done: queue.Queue[tuple[bool, Any]] = queue.Queue()
+    def _submit(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        if self._thread is None or threading.current_thread() is self._thread:
+            return fn()  # not running (or already on the loop's thread): nothing to race
+        done: queue.Queue[tuple[T | None, BaseException | None]] = queue.Queue()
 
         def call() -> None:
             try:
-                done.put((True, fn()))
+                done.put((fn(), None))
             except Exception as exc:  # reported to the caller, never kills the loop
-                done.put((False, exc))
+                done.put((None, exc))
 
-        self._wake.put(("call", call))
+        self._wake.put(call)
         try:
-            ok, value = done.get(timeout=timeout)
+            value, error = done.get(timeout=timeout)
         except queue.Empty:
-            raise RuntimeError(f"the bin is busy ({self.state}); try again") from None
-        if not ok:
-            raise value
-        return value
+            raise BusyError(f"the bin is busy ({self.state}); try again") from None
+        if error is not None:
+            raise error
+        return value  # type: ignore[return-value]  # None only when error is set
 
     def pause(self) -> None:
         self._paused = True
-        self._wake.put(("wake", None))
+        self._wake.put(None)
 
     def resume(self) -> None:
         self._paused = False
-        self._wake.put(("wake", None))
+        self._wake.put(None)
 
     def sort_next(self, bin_name: str) -> None:
         if bin_name not in BINS:
-            raise ValueError(f"unknown bin {bin_name!r}; bins are {', '.join(BINS)}")
+            raise CommandError(f"unknown bin {bin_name!r}; bins are {', '.join(BINS)}")
         with self._lock:
             self._next_bin = bin_name
 
     def calibrate(self, *, bin_name: str | None = None, angle: float | None = None) -> float:
         """Move the flap to a bin's angle or a raw angle; only between items."""
-        if (bin_name is None) == (angle is None):
-            raise ValueError("give exactly one of bin or angle")
-        if bin_name is not None and bin_name not in BINS:
-            raise ValueError(f"unknown bin {bin_name!r}; bins are {', '.join(BINS)}")
-        target = self.flap.angle_for(bin_name) if bin_name else float(angle)
+        if bin_name is not None:
+            if angle is not None:
+                raise CommandError("give exactly one of bin or angle")
+            if bin_name not in BINS:
+                raise CommandError(f"unknown bin {bin_name!r}; bins are {', '.join(BINS)}")
+            target = self.flap.angle_for(bin_name)
+        elif angle is not None:
+            target = float(angle)
+        else:
+            raise CommandError("give exactly one of bin or angle")
 
         def move() -> float:
             if self.state not in (State.IDLE, State.PAUSED):
-                raise RuntimeError(f"cannot calibrate while {self.state}")
+                raise BusyError(f"cannot calibrate while {self.state}")
             self.flap.move_to(target)
             self.flap.rest()
             return target
 
         return self._submit(move)
 
-    def replace_classifier(self, classifier: Any) -> Any:
+    def replace_classifier(self, classifier: ImageClassifier) -> ImageClassifier:
         """Swap the model between items; returns the old one."""
 
-        def swap() -> Any:
+        def swap() -> ImageClassifier:
             old, self.classifier = self.classifier, classifier
             return old
 
@@ -148,13 +137,13 @@ class SortingLoop:
     def status(self) -> dict[str, Any]:
         bundle = self.classifier.bundle
         return {"paused": self._paused, "model": bundle.name, "model_version": bundle.version,
-                "backend": getattr(self.classifier, "backend", ""),
+                "backend": self.classifier.backend,
                 "faults": dict(self.fault_counts),
                 "last_fault": self.faults[-1].detail if self.faults else None}
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.put(("wake", None))
+        self._wake.put(None)
 
     # ------------------------------------------------------------------ internals
 
@@ -164,7 +153,7 @@ class SortingLoop:
         edges = self._edges
         if edges is not None:
             edges.append(present)
-        self._wake.put(("sensor", present))
+        self._wake.put(None)
 
     def _set_state(self, state: State, detail: str = "") -> None:
         self.heartbeat = time.monotonic()
@@ -186,14 +175,14 @@ class SortingLoop:
     def _drain(self, timeout: float) -> None:
         """Wait for anything to happen (or the tick), running submitted commands."""
         try:
-            kind, payload = self._wake.get(timeout=timeout)
+            call = self._wake.get(timeout=timeout) if timeout > 0 else self._wake.get_nowait()
         except queue.Empty:
             return
         while True:
-            if kind == "call":
-                payload()
+            if call is not None:
+                call()
             try:
-                kind, payload = self._wake.get_nowait()
+                call = self._wake.get_nowait()
             except queue.Empty:
                 return
 
@@ -203,22 +192,29 @@ class SortingLoop:
             self._stop.wait(seconds)
 
     def run(self) -> None:
+        """Sort items until stop(); the current item is always finished first."""
         self._thread = threading.current_thread()
-        tick = self.cfg.loop.tick_s
         while not self._stop.is_set():
-            self.heartbeat = time.monotonic()
-            if self._paused:
-                self._set_state(State.PAUSED)
-                self._drain(tick)
-                continue
-            if not self.sensor.present:
-                self._set_state(State.IDLE)
-                self._drain(tick)
-                continue
-            self._cycle()
+            self.step(wait=True)
         self._set_state(State.IDLE, "stopped")
 
-    def _attempt(self, what: str, fn: Callable[[], Any]) -> tuple[Any, str | None]:
+    def step(self, *, wait: bool = False) -> bool:
+        """One turn of the loop: sort the item on the flap if there is one (True), else
+        idle (waiting up to loop.tick_s for something to happen when `wait`)."""
+        self.heartbeat = time.monotonic()
+        tick = self.cfg.loop.tick_s if wait else 0.0
+        if self._paused:
+            self._set_state(State.PAUSED)
+            self._drain(tick)
+            return False
+        if not self.sensor.present:
+            self._set_state(State.IDLE)
+            self._drain(tick)
+            return False
+        self._cycle()
+        return True
+
+    def _attempt(self, what: str, fn: Callable[[], T]) -> tuple[T | None, str | None]:
         error = None
         for attempt in range(self.cfg.model.retries + 1):
             self.heartbeat = time.monotonic()
@@ -267,12 +263,10 @@ class SortingLoop:
         )
         # Journalled as pending before the flap moves: a crash from here on is resolved
         # on restart by whether the item is still on the flap (see store.py).
-        begin = getattr(self.recorder, "begin", None)
-        if begin:
-            event = begin(event)
+        pending = self.recorder.begin(event)
         self._set_state(State.SORTING, bin_name)
         commanded: list[float] = []
-        self._edges = edges = []
+        self._edges = edges = list[bool]()
         try:
             self.flap.sort(bin_name, on_commanded=lambda: commanded.append(time.monotonic()))
         finally:
@@ -280,17 +274,17 @@ class SortingLoop:
         event.decision_ms = round(((commanded[0] if commanded else time.monotonic()) - edge)
                                   * 1000, 2)
         event.cycle_ms = round((time.monotonic() - edge) * 1000, 2)
-        self._emit(event)
+        self._emit(self.recorder.commit(pending))
         left = False in edges
         # Each clear after the first is another item that fell onto the tipped flap and
         # slid straight through: it is in that compartment, so it is counted there.
         for _ in range(max(0, edges.count(False) - 1)):
             self._fault("double_drop", f"an item passed unsorted into {bin_name}")
-            self._emit(SortEvent(
+            self._emit(self.recorder.record(SortEvent(
                 time=time.time(), bin=bin_name, label=None, label_en=None, confidence=None,
                 uncertain=False, failed=True, forced=False, cycle_ms=0.0, decision_ms=0.0,
                 model=bundle.name, model_version=bundle.version,
-                error="double drop: passed unsorted"))
+                error="double drop: passed unsorted")))
         self._set_state(State.CLEARING)
         if left and self.sensor.present:
             pass  # the first item left and another already waits: it gets its own cycle
@@ -307,11 +301,10 @@ class SortingLoop:
             self._wait(cfg.loop.cooldown_s)
 
     def _emit(self, event: SortEvent) -> None:
-        event = self.recorder.record(event)
         for cb in self.on_event:
             cb(event)
 
-    def _decide(self, prediction: Any) -> tuple[str, bool, bool]:
+    def _decide(self, prediction: Prediction | None) -> tuple[str, bool, bool]:
         """(bin, uncertain, forced) from the prediction, a pending sort_next, the threshold."""
         with self._lock:
             forced_bin, self._next_bin = self._next_bin, None

@@ -17,11 +17,13 @@ import threading
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from bin_controller.bins import BINS
 from bin_controller.domain import SortEvent
 from bin_controller.errors import SmartbinError
+from bin_controller.parts import Pending
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,8 @@ class Store:
             self.store.db.execute("BEGIN IMMEDIATE")
             return self.store.db
 
-        def __exit__(self, exc_type, exc, tb) -> None:
+        def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                     tb: TracebackType | None) -> None:
             try:
                 self.store.db.execute("ROLLBACK" if exc_type else "COMMIT")
             finally:
@@ -101,22 +104,27 @@ class Store:
 
     # ------------------------------------------------------------------ the cycle
 
-    def begin(self, event: SortEvent) -> SortEvent:
+    def begin(self, event: SortEvent) -> Pending:
         """Note the decided item as pending, before the flap moves."""
         row = asdict(event)
         with self._tx() as c:
             cur = c.execute(f"INSERT INTO pending ({', '.join(EVENT_FIELDS)}) VALUES "
                             f"({', '.join('?' * len(EVENT_FIELDS))})",
                             [row[k] for k in EVENT_FIELDS])
-        event._pending_id = cur.lastrowid  # type: ignore[attr-defined]
-        return event
+        return Pending(event, cur.lastrowid)
 
-    def record(self, event: SortEvent) -> SortEvent:
+    def commit(self, pending: Pending) -> SortEvent:
         """Count the item, journal it with the next sequence number and queue its message:
         one transaction. Numbers are given here, so a pending item that turns out not to
         have been sorted leaves no gap."""
         with self._tx() as c:
-            self._commit(c, event, getattr(event, "_pending_id", None))
+            self._commit(c, pending.event, pending.id)
+        return pending.event
+
+    def record(self, event: SortEvent) -> SortEvent:
+        """Count an item that was never pending (it slid through unsorted)."""
+        with self._tx() as c:
+            self._commit(c, event, None)
         return event
 
     def _commit(self, c: sqlite3.Connection, event: SortEvent, pending_id: int | None) -> None:
@@ -150,30 +158,27 @@ class Store:
             log.warning("outbox full (%d): dropped the %d oldest messages", self.outbox_max,
                         excess)
 
-    def pending(self) -> list[SortEvent]:
+    def pending(self) -> list[Pending]:
         with self._lock:
             rows = self.db.execute(f"SELECT id, {', '.join(EVENT_FIELDS)} FROM pending "
                                    "ORDER BY id").fetchall()
-        out = []
-        for r in rows:
-            event = SortEvent(**dict(zip(EVENT_FIELDS, r[1:], strict=True)))
-            event._pending_id = r[0]  # type: ignore[attr-defined]
-            out.append(event)
-        return out
+        return [Pending(SortEvent(**dict(zip(EVENT_FIELDS, r[1:], strict=True))), r[0])
+                for r in rows]
 
     def recover(self, item_still_present: bool) -> list[SortEvent]:
         """Resolve items that were mid-cycle when the service died (see module doc)."""
         resolved = []
-        for event in self.pending():
+        for pending in self.pending():
             with self._tx() as c:
                 if item_still_present:
-                    c.execute("DELETE FROM pending WHERE id=?", (event._pending_id,))
+                    c.execute("DELETE FROM pending WHERE id=?", (pending.id,))
                     log.info("an item decided before the restart is still on the flap; it "
                              "will be sorted again")
                 else:
-                    self._commit(c, event, event._pending_id)
-                    log.info("item #%d was sorted before the restart; counted now", event.seq)
-                    resolved.append(event)
+                    self._commit(c, pending.event, pending.id)
+                    log.info("item #%d was sorted before the restart; counted now",
+                             pending.event.seq)
+                    resolved.append(pending.event)
         return resolved
 
     # ------------------------------------------------------------------ reading

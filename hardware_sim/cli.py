@@ -9,15 +9,18 @@ import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from bin_controller.app import attach, cli_overrides, open_store
 from bin_controller.bins import BINS
-from bin_controller.config import load_config
+from bin_controller.config import load_config, merge
 from bin_controller.errors import SmartbinError
-from bin_controller.vision.classifier import Classifier
+from bin_controller.overrides import cli_overrides
 from hardware_sim.mechanics import SimItem
-from hardware_sim.simulate import Faults, run_simulation
+from hardware_sim.simulate import Faults, Simulation, sim_config
 from hardware_sim.sources import FolderSource, GeneratedSource
+
+if TYPE_CHECKING:
+    from bin_controller.cli import CommandTables
 
 
 def _item_numbers(text: str | None) -> set[int]:
@@ -84,56 +87,45 @@ def _line(item: SimItem) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.items < 1:
         raise SmartbinError("--items must be 1 or more")
-    cfg = load_config(args.config, cli_overrides(args))
-    model = cfg.model.bundle
-    classifier = Classifier(model, backend=cfg.model.backend, num_threads=cfg.model.threads,
-                            backbone=cfg.model.backbone or None)
-    if args.images:
-        source = FolderSource(args.images, args.bin_map, args.seed,
-                              (cfg.camera.width, cfg.camera.height))
-    else:
-        source = GeneratedSource(args.seed)
-    items = source.items(args.items)
     faults = Faults(
         jam=_item_numbers(args.jam),
         camera_fail={k: int(v) for k, v in _pairs(args.camera_fail, int).items()},
         slow_classifier_s=_pairs(args.slow, float),
         double_drop=_item_numbers(args.double_drop),
     )
-    if faults.jam:
-        cfg = cfg.with_overrides({"sensor": {"jam_s": min(cfg.sensor.jam_s, 1.0)}})
-    print(f"simulating {len(items)} items from {source.name} with model {model} "
-          f"({classifier.backend}), {'fast' if args.fast else 'real-time'} mechanics",
-          flush=True)
     on_item = None if args.quiet else (lambda item: print(_line(item), flush=True))
     with ExitStack() as stack:
-        state_dir = args.state_dir or stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="smartbin-sim-"))
-        store = open_store(cfg, state_dir)
-        stack.callback(store.close)
-        telemetry: list = []
-
-        def on_loop(loop) -> None:
-            t = attach(cfg, loop, store)
-            if t is not None:
-                telemetry.append(t)
-
+        state_dir = args.state_dir or Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="smartbin-sim-")))
+        overrides = merge(cli_overrides(args), {"bin": {"state_dir": str(state_dir)}})
+        if faults.jam:
+            # The operator clears a jam after half a second: do not wait the bin's 4 s.
+            overrides = merge(overrides, {"sensor": {"jam_s": 1.0}})
         # With a kept state folder the simulated world is kept beside the counts, so a
         # killed and restarted run finds items where they were.
-        world = Path(state_dir) / "sim-world" if args.state_dir else None
-        result = run_simulation(cfg, items, classifier, fast=args.fast, faults=faults,
-                                on_item=on_item, recorder=store, on_loop=on_loop,
-                                world=world, pace_s=args.pace)
-        counts = store.snapshot()
-        if telemetry:
-            drained = telemetry[0].drain(args.drain_s)
-            telemetry[0].stop()
-            if not drained:
-                print(f"warning: {store.outbox_size()} events still wait for the broker at "
-                      f"{cfg.mqtt.host}:{cfg.mqtt.port}; they stay in {store.path}",
-                      file=sys.stderr)
+        world = state_dir / "sim-world" if args.state_dir else None
+        cfg = sim_config(load_config(args.config, overrides), args.fast, world)
+        if args.images:
+            source: FolderSource | GeneratedSource = FolderSource(
+                args.images, args.bin_map, args.seed, (cfg.camera.width, cfg.camera.height))
+        else:
+            source = GeneratedSource(args.seed)
+        items = source.items(args.items)
+        simulation = stack.enter_context(Simulation(cfg))
+        smartbin = simulation.bin
+        assert smartbin.store is not None  # no recorder given: the SQLite store
+        model = cfg.model.bundle
+        backend = smartbin.classifier.backend
+        print(f"simulating {len(items)} items from {source.name} with model {model} "
+              f"({backend}), {'fast' if args.fast else 'real-time'} mechanics", flush=True)
+        result = simulation.drop(items, faults=faults, on_item=on_item, pace_s=args.pace)
+        counts = smartbin.store.snapshot()
+        if smartbin.telemetry is not None and not smartbin.telemetry.drain(args.drain_s):
+            print(f"warning: {smartbin.store.outbox_size()} events still wait for the broker "
+                  f"at {cfg.mqtt.host}:{cfg.mqtt.port}; they stay in {smartbin.store.path}",
+                  file=sys.stderr)
     report = result.report()
-    report.update(model=model, backend=classifier.backend, source=source.name, seed=args.seed,
+    report.update(model=model, backend=backend, source=source.name, seed=args.seed,
                   stored_counts=counts)
     print()
     print(f"{'bin':12} {'routed':>7} {'truth':>7}")
@@ -154,6 +146,43 @@ def run(args: argparse.Namespace) -> int:
         print("smartbin: error: an item never finished its cycle (see the log)", file=sys.stderr)
         return 1
     return 0
+
+
+def register(tables: CommandTables) -> None:
+    """The simulator's commands, found by `smartbin` through the entry point group
+    `smartbin.commands` (see pyproject.toml)."""
+    p = tables.commands.add_parser("simulate", help="run the whole bin on simulated hardware")
+    add_arguments(p)
+    p.set_defaults(func=_simulate)
+    b = tables.bench.add_parser("cycle", help="sensor edge to servo command, fast simulator")
+    tables.add_model_options(b)
+    b.add_argument("--config", type=Path)
+    b.add_argument("--items", type=int, default=200)
+    b.add_argument("--images", type=Path, help="folder of class subfolders (default: generated)")
+    b.add_argument("--bin-map", type=Path)
+    b.set_defaults(func=_bench_cycle)
+    b = tables.bench.add_parser("idle", help="CPU use of the idle service")
+    tables.add_model_options(b)
+    b.add_argument("--config", type=Path)
+    b.add_argument("--seconds", type=float, default=30.0)
+    b.set_defaults(func=_bench_idle)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    configure_logging(False)
+    return run(args)
+
+
+def _bench_cycle(args: argparse.Namespace) -> int:
+    from hardware_sim.bench import run_cycle
+
+    return run_cycle(args)
+
+
+def _bench_idle(args: argparse.Namespace) -> int:
+    from hardware_sim.bench import run_idle
+
+    return run_idle(args)
 
 
 def configure_logging(verbose: bool) -> None:

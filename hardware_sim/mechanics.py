@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from gpiozero.pins.mock import MockFactory, MockPWMPin, MockTriggerPin
 
-from bin_controller.config import Config
+from bin_controller.config import Config, SimulatorSection
 
 SPEED_OF_SOUND = 343.0
 
@@ -37,6 +37,12 @@ class Timing:
     @classmethod
     def fast(cls) -> Timing:
         return cls(fall_s=0.0, slide_s=0.0, servo_deg_per_s=float("inf"))
+
+    @classmethod
+    def from_config(cls, sim: SimulatorSection) -> Timing:
+        if sim.fast:
+            return cls(fall_s=0.0, slide_s=0.0, servo_deg_per_s=float("inf"), tip_deg=sim.tip_deg)
+        return cls(sim.fall_s, sim.slide_s, sim.servo_deg_per_s, sim.tip_deg)
 
 
 @dataclass(eq=False)  # a physical object: equal only to itself
@@ -118,11 +124,14 @@ class SimBin:
     """The physical bin behind the mock pins."""
 
     def __init__(self, cfg: Config, timing: Timing | None = None,
-                 world: Path | None = None) -> None:
+                 world: Path | None = None, pin_factory: MockFactory | None = None) -> None:
         self.cfg = cfg
-        self.timing = timing or Timing()
+        self.timing = timing or Timing.from_config(cfg.simulator)
         self.world = world
-        self.pin_factory = MockFactory(pin_class=_ObservedPWMPin)
+        # The bin's own mock pin factory when it is given one: the controller's devices and
+        # this world must share pins.
+        self._own_factory = pin_factory is None
+        self.pin_factory = pin_factory or MockFactory(pin_class=MockPWMPin)
         self._lock = threading.RLock()
         self.platform: list[SimItem] = []
         self.at_gate: list[SimItem] = []
@@ -139,10 +148,11 @@ class SimBin:
                            self.timing.servo_deg_per_s, f.rest_angle)
         self.gate_open = True
         self._setup_sensor_pins()
-        flap_pin = self.pin_factory.pin(f.pin)
+        flap_pin = self.pin_factory.pin(f.pin, pin_class=_ObservedPWMPin)
         flap_pin.observer = self._flap_changed
         if cfg.gate.enabled:
-            self.pin_factory.pin(cfg.gate.pin).observer = self._gate_changed
+            gate_pin = self.pin_factory.pin(cfg.gate.pin, pin_class=_ObservedPWMPin)
+            gate_pin.observer = self._gate_changed
         self.landed_before: list[dict] = []
         if world is not None:
             self._load_world()
@@ -346,7 +356,8 @@ class SimBin:
     def close(self) -> None:
         for t in self._timers:
             t.cancel()
-        self.pin_factory.close()
+        if self._own_factory:
+            self.pin_factory.close()
 
 
 class SimCamera:

@@ -5,20 +5,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bin_controller.assembly import build_bin, make_classifier
 from bin_controller.bins import BINS
-from bin_controller.config import Config, merge
+from bin_controller.config import FAST_MECHANICS, Config, merge
 from bin_controller.domain import SortEvent, State
-from bin_controller.hardware.flap import Flap, Gate
-from bin_controller.hardware.sensors import make_sensor
-from bin_controller.sorter import MemoryRecorder, Recorder, SortingLoop
-from bin_controller.vision.classifier import Classifier
-from hardware_sim.mechanics import SimBin, SimCamera, SimItem, Timing
+from bin_controller.errors import ConfigError
+from bin_controller.memory_recorder import MemoryRecorder
+from bin_controller.parts import ImageClassifier, Recorder
+from bin_controller.sorter import SortingLoop
+from bin_controller.vision.bundle import Bundle
+from bin_controller.vision.classifier import Prediction
+from hardware_sim.mechanics import SimBin, SimCamera, SimItem
 
 log = logging.getLogger(__name__)
 
@@ -37,33 +41,32 @@ class Faults:
 class _SlowClassifier:
     """Wraps the classifier to delay chosen items."""
 
-    def __init__(self, inner: Classifier) -> None:
+    def __init__(self, inner: ImageClassifier) -> None:
         self.inner = inner
         self.delay_s = 0.0
 
     @property
-    def bundle(self):
+    def bundle(self) -> Bundle:
         return self.inner.bundle
 
     @property
     def backend(self) -> str:
-        return getattr(self.inner, "backend", "")
+        return self.inner.backend
 
-    def classify_array(self, frame: np.ndarray):
+    def classify_array(self, frame: np.ndarray) -> Prediction:
         if self.delay_s:
             time.sleep(self.delay_s)
         return self.inner.classify_array(frame)
 
 
-def sim_config(cfg: Config, fast: bool) -> Config:
-    """The simulator has no real camera and uses gpiozero's mock pins."""
+def sim_config(cfg: Config, fast: bool = False, world: Path | None = None) -> Config:
+    """`cfg` on the simulator: its camera and world on gpiozero's mock pins."""
     overrides: dict[str, Any] = {"camera": {"type": "simulated"},
                                  "hardware": {"pin_factory": "mock"}}
     if fast:
-        overrides = merge(overrides, {
-            "sensor": {"settle_s": 0.0}, "flap": {"move_s": 0.0, "hold_s": 0.0},
-            "gate": {"move_s": 0.0}, "loop": {"cooldown_s": 0.0},
-            "camera": {"warmup_s": 0.0}})
+        overrides = merge(overrides, FAST_MECHANICS)
+    if world is not None:
+        overrides = merge(overrides, {"simulator": {"world_dir": str(world)}})
     return cfg.with_overrides(overrides)
 
 
@@ -119,64 +122,66 @@ def _pcts(values: list[float]) -> dict[str, float | None]:
             "p95": round(float(np.percentile(values, 95)), 2)}
 
 
-def run_simulation(
-    cfg: Config,
-    items: list[SimItem],
-    classifier: Classifier,
-    *,
-    fast: bool = False,
-    timing: Timing | None = None,
-    faults: Faults | None = None,
-    recorder: Recorder | None = None,
-    on_item=None,
-    on_loop=None,
-    item_timeout_s: float = 60.0,
-    world: Path | None = None,
-    pace_s: float = 0.0,
-) -> SimResult:
-    """Drop the items one after another (as a person would) and wait for each to land."""
-    faults = faults or Faults()
-    cfg = sim_config(cfg, fast)
-    sim = SimBin(cfg, timing or (Timing.fast() if fast else Timing()), world=world)
-    recorder = recorder or MemoryRecorder()
-    sensor = make_sensor(cfg.sensor, sim.pin_factory)
-    sim.sync_sensor()
-    flap = Flap(cfg.flap, sim.pin_factory)
-    gate = Gate(cfg.gate, sim.pin_factory) if cfg.gate.enabled else None
-    camera = SimCamera(sim)
-    slow = _SlowClassifier(classifier)
-    loop = SortingLoop(config=cfg, sensor=sensor, camera=camera, classifier=slow, flap=flap,
-                       recorder=recorder, gate=gate)
-    events: list[SortEvent] = []
-    changed = threading.Condition()
+class Simulation:
+    """The bin built from a simulator config, its loop turning in a thread, and a person
+    who drops items on it one after another (as `drop`)."""
 
-    def on_event(event: SortEvent) -> None:
-        with changed:
-            events.append(event)
+    def __init__(self, cfg: Config, *, classifier: ImageClassifier | None = None,
+                 recorder: Recorder | None = None) -> None:
+        if cfg.camera.type != "simulated":
+            raise ConfigError("a simulation needs camera.type = 'simulated' (see sim_config)")
+        self.classifier = _SlowClassifier(classifier or make_classifier(cfg.model))
+        self.bin = build_bin(cfg, classifier=self.classifier, recorder=recorder)
+        camera = self.bin.camera
+        assert isinstance(camera, SimCamera)  # what the registry builds for "simulated"
+        self.camera = camera
+        self.world: SimBin = camera.sim
+        self.loop = self.bin.loop
+        self.events: list[SortEvent] = []
+        self._changed = threading.Condition()
+        self.loop.on_event.append(self._on_event)
+        self.loop.on_state.append(self._notify)
+        self.world.on_land.append(self._notify)
+        self._items: list[SimItem] = []
+        self._thread = threading.Thread(target=self.loop.run, name="sorting-loop", daemon=True)
+        self.started = time.monotonic()
+
+    def __enter__(self) -> Simulation:
+        self.bin.start()
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.stop()
+        self._thread.join(timeout=10)
+        self.bin.close()
+
+    def _on_event(self, event: SortEvent) -> None:
+        with self._changed:
+            self.events.append(event)
             if event.error and event.error.startswith("double drop"):
-                waiting = [i for i in items if i.passed_unsorted and not i.events]
+                waiting = [i for i in self._items if i.passed_unsorted and not i.events]
                 if waiting:
                     waiting[0].events.append(event)
             else:
-                for item in sim.sorting:
+                for item in self.world.sorting:
                     item.events.append(event)
-                sim.sorting = []
-            changed.notify_all()
+                self.world.sorting = []
+            self._changed.notify_all()
 
-    def notify(*_: Any) -> None:
-        with changed:
-            changed.notify_all()
+    def _notify(self, *_: object) -> None:
+        with self._changed:
+            self._changed.notify_all()
 
-    loop.on_event.append(on_event)
-    loop.on_state.append(notify)
-    sim.on_land.append(notify)
-    if on_loop:
-        on_loop(loop)
-    thread = threading.Thread(target=loop.run, name="sorting-loop", daemon=True)
-    started = time.monotonic()
-    thread.start()
-    timed_out = False
-    try:
+    def drop(self, items: list[SimItem], *, faults: Faults | None = None,
+             on_item: Callable[[SimItem], None] | None = None, item_timeout_s: float = 60.0,
+             pace_s: float = 0.0) -> SimResult:
+        """Drop the items one after another and wait for each to land."""
+        faults = faults or Faults()
+        self._items = items
+        loop, sim, changed = self.loop, self.world, self._changed
+        timed_out = False
         # Whatever still lies on the flap from before (a restarted controller) is sorted
         # first; a person waits for a clear flap before dropping the next item.
         with changed:
@@ -188,8 +193,8 @@ def run_simulation(
             if item is pending_double:
                 continue  # already dropped on top of the previous one
             item.jam = number in faults.jam
-            camera.fail_next = faults.camera_fail.get(number, 0)
-            slow.delay_s = faults.slow_classifier_s.get(number, 0.0)
+            self.camera.fail_next = faults.camera_fail.get(number, 0)
+            self.classifier.delay_s = faults.slow_classifier_s.get(number, 0.0)
             batch = [item]
             if number in faults.double_drop and index + 1 < len(items):
                 second = items[index + 1]
@@ -218,15 +223,31 @@ def run_simulation(
                           [(i.compartment, len(i.events)) for i in batch] + [loop.state,
                                                                             len(sim.platform)])
                 break
-    finally:
-        loop.stop()
-        thread.join(timeout=10)
-        sensor.close()
-        flap.close()
-        if gate:
-            gate.close()
-        sim.close()
-    return SimResult(items, events, loop, time.monotonic() - started, timed_out)
+        return SimResult(items, list(self.events), loop, time.monotonic() - self.started,
+                         timed_out)
+
+
+def run_simulation(
+    cfg: Config,
+    items: list[SimItem],
+    classifier: ImageClassifier | None = None,
+    *,
+    fast: bool = False,
+    faults: Faults | None = None,
+    recorder: Recorder | None = None,
+    on_item: Callable[[SimItem], None] | None = None,
+    on_loop: Callable[[SortingLoop], None] | None = None,
+    item_timeout_s: float = 60.0,
+    pace_s: float = 0.0,
+) -> SimResult:
+    """Simulate `items` dropped onto the bin `cfg` describes (counts in memory unless a
+    recorder is given)."""
+    with Simulation(sim_config(cfg, fast), classifier=classifier,
+                    recorder=recorder or MemoryRecorder()) as simulation:
+        if on_loop:
+            on_loop(simulation.loop)
+        return simulation.drop(items, faults=faults, on_item=on_item,
+                               item_timeout_s=item_timeout_s, pace_s=pace_s)
 
 
 def _wait_done(batch: list[SimItem], loop: SortingLoop, changed: threading.Condition,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -11,7 +10,6 @@ import pytest
 from bin_controller.config import config_from_dict
 from bin_controller.domain import State
 from bin_controller.vision.classifier import Classifier
-from hardware_sim.mechanics import Timing
 from hardware_sim.simulate import Faults, run_simulation
 from hardware_sim.sources import GeneratedSource
 from tests.test_cli import smartbin
@@ -72,9 +70,10 @@ def test_real_time_mechanics(demo):
 def test_flap_returning_too_early_misroutes(demo):
     """The compartment is read off the servo when the item lands, not from the decision."""
     items = [i for i in GeneratedSource(4).items(20) if i.true_bin == "recyclable"][:2]
-    timing = Timing(fall_s=0.0, slide_s=0.3, servo_deg_per_s=2000, tip_deg=5)
-    config = cfg(flap={"hold_s": 0.0, "move_s": 0.05}, sensor={"settle_s": 0.0})
-    result = run_simulation(config, items, demo, timing=timing)
+    config = cfg(flap={"hold_s": 0.0, "move_s": 0.05}, sensor={"settle_s": 0.0},
+                 simulator={"fall_s": 0.0, "slide_s": 0.3, "servo_deg_per_s": 2000,
+                            "tip_deg": 5})
+    result = run_simulation(config, items, demo)
     for item in result.items:
         assert item.events[0].bin == "recyclable"
         assert item.compartment != "recyclable"  # the flap was back near rest
@@ -178,21 +177,13 @@ def test_sort_next_pause_resume_and_calibrate(demo):
 
 
 def test_pause_holds_the_item_until_resume(demo):
-    from bin_controller.hardware.flap import Flap
-    from bin_controller.hardware.sensors import make_sensor
-    from bin_controller.sorter import MemoryRecorder, SortingLoop
-    from hardware_sim.mechanics import SimBin, SimCamera
-    from hardware_sim.simulate import sim_config
+    from bin_controller.memory_recorder import MemoryRecorder
+    from hardware_sim.simulate import Simulation, sim_config
 
     config = sim_config(cfg(), fast=True)
-    sim = SimBin(config, Timing.fast())
-    flap = Flap(config.flap, sim.pin_factory)
-    loop = SortingLoop(config=config, sensor=make_sensor(config.sensor, sim.pin_factory),
-                       camera=SimCamera(sim), classifier=demo, flap=flap,
-                       recorder=MemoryRecorder())
-    thread = threading.Thread(target=loop.run, daemon=True)
-    thread.start()
-    try:
+    recorder = MemoryRecorder()
+    with Simulation(config, classifier=demo, recorder=recorder) as simulation:
+        loop, sim = simulation.loop, simulation.world
         loop.pause()
         _wait(lambda: loop.state == State.PAUSED)
         angle = loop.calibrate(bin_name="kitchen")
@@ -205,14 +196,10 @@ def test_pause_holds_the_item_until_resume(demo):
         item = GeneratedSource(13).items(1)[0]
         sim.drop(item)
         time.sleep(0.3)
-        assert item.compartment is None and loop.recorder.events == []
+        assert item.compartment is None and recorder.events == []
         loop.resume()
         _wait(lambda: item.compartment is not None)
-        assert loop.recorder.events[0].bin == item.compartment
-    finally:
-        loop.stop()
-        thread.join(5)
-        sim.close()
+        assert recorder.events[0].bin == item.compartment
 
 
 def _wait(predicate, timeout=5.0):

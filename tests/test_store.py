@@ -54,9 +54,9 @@ def test_pending_item_is_resolved_by_the_flap(tmp_path):
 
 def test_committing_twice_never_counts_twice(tmp_path):
     s = Store(tmp_path)
-    e = s.begin(event())
-    s.record(e)
-    s.record(e)
+    p = s.begin(event())
+    s.commit(p)
+    s.commit(p)
     assert s.counts()["other"] == 1 and s.outbox_size() == 1
 
 

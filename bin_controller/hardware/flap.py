@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+
+from gpiozero import Factory
 
 from bin_controller.config import FlapSection, GateSection
 
 
-class Flap:
+class ServoFlap:
     """An AngularServo with an angle per bin; released after each move so it cannot jitter."""
 
-    def __init__(self, cfg: FlapSection, pin_factory: Any) -> None:
+    def __init__(self, cfg: FlapSection, pin_factory: Factory) -> None:
         from gpiozero import AngularServo
 
         self.cfg = cfg
@@ -28,7 +30,7 @@ class Flap:
     def angle_for(self, bin_name: str) -> float:
         return self.cfg.angles[bin_name]
 
-    def sort(self, bin_name: str, *, on_commanded=None) -> None:
+    def sort(self, bin_name: str, *, on_commanded: Callable[[], None] | None = None) -> None:
         """Tip to the bin, hold while the item slides off, return to rest, release."""
         with self._lock:
             self.servo.angle = self.cfg.angles[bin_name]
@@ -56,10 +58,10 @@ class Flap:
         self.servo.close()
 
 
-class Gate:
+class ServoGate:
     """Optional second servo above the flap: closed while an item is being sorted."""
 
-    def __init__(self, cfg: GateSection, pin_factory: Any) -> None:
+    def __init__(self, cfg: GateSection, pin_factory: Factory) -> None:
         from gpiozero import AngularServo
 
         self.cfg = cfg

@@ -6,22 +6,11 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
+
+from gpiozero import Factory
 
 from bin_controller.config import SensorSection
-
-
-class PresenceSensor(Protocol):
-    """What the sorting loop needs from a sensor. The simulator drives the same devices."""
-
-    @property
-    def present(self) -> bool: ...
-
-    def on_change(self, callback: Callable[[bool, float], None]) -> None: ...
-
-    def wait_for_clear(self, timeout: float | None) -> bool: ...
-
-    def close(self) -> None: ...
 
 
 class GpioPresenceSensor:
@@ -66,7 +55,7 @@ class GpioPresenceSensor:
         self.device.close()
 
 
-def make_sensor(cfg: SensorSection, pin_factory: Any) -> GpioPresenceSensor:
+def make_sensor(cfg: SensorSection, pin_factory: Factory) -> GpioPresenceSensor:
     from gpiozero import DigitalInputDevice, DistanceSensor, MotionSensor
 
     if cfg.type == "beam":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ def percentiles(samples_ms: list[float]) -> tuple[float, float]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 95))
 
 
-def _time(fn, runs: int, warmup: int = 10) -> list[float]:
+def time_runs(fn: Callable[[], object], runs: int, warmup: int = 10) -> list[float]:
     for _ in range(warmup):
         fn()
     out = []
@@ -33,7 +35,7 @@ def _time(fn, runs: int, warmup: int = 10) -> list[float]:
     return out
 
 
-def _bare_invoke(classifier: Classifier, pixels: np.ndarray):
+def bare_invoke(classifier: Classifier, pixels: np.ndarray) -> Callable[[], None]:
     """invoke() of every stage on inputs already in place: the floor of classify."""
     x = classifier._to_input(pixels)
     inputs = []
@@ -56,10 +58,9 @@ def _bare_invoke(classifier: Classifier, pixels: np.ndarray):
 
 
 def _sample_frame(rng: np.random.Generator) -> np.ndarray:
-    from hardware_sim import items
-
-    kind = items.KINDS[0]
-    return np.asarray(Image.fromarray(items.render(kind, rng, 240)).resize(CAMERA_FRAME))
+    """A smooth, photo-like frame (the model's speed does not depend on what it shows)."""
+    small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize(CAMERA_FRAME, Image.Resampling.BICUBIC))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,75 +85,13 @@ def run(args: argparse.Namespace) -> int:
             for n in threads:
                 c = Classifier(args.model, backend=backend, num_threads=n,
                                backbone=args.backbone)
-                bare = percentiles(_time(_bare_invoke(c, prepare_array(frame, c.input_spec)),
+                bare = percentiles(time_runs(bare_invoke(c, prepare_array(frame, c.input_spec)),
                                          args.runs))
-                arr = percentiles(_time(lambda c=c: c.classify_array(frame), args.runs))
-                jp = percentiles(_time(lambda c=c: c.classify_file(jpeg), args.runs))
+                arr = percentiles(time_runs(partial(c.classify_array, frame), args.runs))
+                jp = percentiles(time_runs(partial(c.classify_file, jpeg), args.runs))
                 print(f"{c.backend:15} {n:>3}  {bare[0]:7.2f} / {bare[1]:5.2f}  "
                       f"{arr[0]:7.2f} / {arr[1]:5.2f}  {arr[0] / bare[0]:5.2f}  "
                       f"{jp[0]:7.2f} / {jp[1]:5.2f}  {jp[0] / bare[0]:5.2f}", flush=True)
-    return 0
-
-
-def run_cycle(args: argparse.Namespace) -> int:
-    """Sensor edge to servo command over many simulated items, beside the bare invoke()."""
-    from bin_controller.config import load_config
-    from hardware_sim.simulate import run_simulation
-    from hardware_sim.sources import FolderSource, GeneratedSource
-
-    cfg = load_config(args.config)
-    classifier = Classifier(args.model, backend=args.backend, num_threads=args.threads,
-                            backbone=args.backbone)
-    if args.images:
-        items = FolderSource(args.images, args.bin_map, 0,
-                             (cfg.camera.width, cfg.camera.height)).items(args.items)
-    else:
-        items = GeneratedSource(0).items(args.items)
-    result = run_simulation(cfg, items, classifier, fast=True)
-    decisions = [e.decision_ms for e in result.events]
-    frame = items[0].image
-    bare = percentiles(_time(_bare_invoke(classifier, prepare_array(frame, classifier.input_spec)),
-                             max(args.items, 50)))
-    d50, d95 = percentiles(decisions)
-    print(f"model {args.model} ({classifier.backend}, {args.threads} thread(s)), "
-          f"{len(decisions)} items, fast mechanics")
-    print(f"sensor edge -> servo command  p50 {d50:6.2f} ms  p95 {d95:6.2f} ms")
-    print(f"bare invoke() (all stages)     p50 {bare[0]:6.2f} ms  p95 {bare[1]:6.2f} ms")
-    print(f"overhead at p95: {d95 - bare[1]:+.2f} ms (goal: within +10 ms)")
-    return 0
-
-
-def run_idle(args: argparse.Namespace) -> int:
-    """CPU used by the idle service: the loop waiting for an item on simulated pins."""
-    import resource
-    import threading
-
-    from bin_controller.config import load_config
-    from bin_controller.hardware.flap import Flap
-    from bin_controller.hardware.sensors import make_sensor
-    from bin_controller.sorter import MemoryRecorder, SortingLoop
-    from hardware_sim.mechanics import SimBin, SimCamera, Timing
-    from hardware_sim.simulate import sim_config
-
-    cfg = sim_config(load_config(args.config), fast=False)
-    classifier = Classifier(args.model, backend=args.backend, num_threads=args.threads,
-                            backbone=args.backbone)
-    sim = SimBin(cfg, Timing())
-    loop = SortingLoop(config=cfg, sensor=make_sensor(cfg.sensor, sim.pin_factory),
-                       camera=SimCamera(sim), classifier=classifier,
-                       flap=Flap(cfg.flap, sim.pin_factory), recorder=MemoryRecorder())
-    thread = threading.Thread(target=loop.run, daemon=True)
-    thread.start()
-    time.sleep(1.0)  # past start-up
-    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-    time.sleep(args.seconds)
-    r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-    loop.stop()
-    thread.join(5)
-    sim.close()
-    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    print(f"idle {t1 - t0:.1f} s with sensor '{cfg.sensor.type}': CPU {cpu * 1000:.1f} ms = "
-          f"{100 * cpu / (t1 - t0):.3f} % of one core (goal: under 1 %)")
     return 0
 
 
@@ -171,7 +110,7 @@ def run_store(args: argparse.Namespace) -> int:
                 e = SortEvent(time=time.time(), bin="other", label="x", label_en="x",
                               confidence=0.9, uncertain=False, failed=False, forced=False,
                               cycle_ms=1.0, decision_ms=1.0, model="m", model_version="1")
-                store.record(store.begin(e))
+                store.commit(store.begin(e))
             dt = time.perf_counter() - t0
             store.close()
         print(f"synchronous={mode:6}  {args.items / dt:8.0f} items/s  "

@@ -9,24 +9,23 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from bin_controller.app import cli_overrides
 from bin_controller.config import Config, load_config
 from bin_controller.errors import SmartbinError
+from bin_controller.overrides import cli_overrides
 
 MIN_FREE_MB = 100
 
 
 def _model(cfg: Config) -> str:
-    from bin_controller.vision.classifier import Classifier
+    from bin_controller.assembly import make_classifier
 
-    c = Classifier(cfg.model.bundle, backend=cfg.model.backend, num_threads=cfg.model.threads,
-                   backbone=cfg.model.backbone or None)
+    c = make_classifier(cfg.model)
     b = c.bundle
     return f"{b.name} {b.version}, {len(b.labels)} labels, {len(c.stages)} stage(s), {c.backend}"
 
 
 def _pins(cfg: Config) -> str:
-    from bin_controller.hardware.pins import make_pin_factory
+    from bin_controller.hardware.registry import make_pin_factory
 
     factory = make_pin_factory(cfg.hardware.pin_factory)
     name = type(factory).__name__
@@ -35,17 +34,23 @@ def _pins(cfg: Config) -> str:
 
 
 def _camera(cfg: Config) -> str:
-    if cfg.camera.type == "simulated":
-        return "simulated (only for smartbin simulate / run --simulate)"
+    from bin_controller.hardware.registry import cameras
+
+    kinds = cameras()
+    if cfg.camera.type not in kinds:
+        raise SmartbinError(f"camera.type = {cfg.camera.type!r} is not installed; known: "
+                            f"{', '.join(kinds)}")
+    if cfg.camera.type != "picamera2":
+        return f"{cfg.camera.type} (from {kinds[cfg.camera.type]})"
     if importlib.util.find_spec("picamera2") is None:
         raise SmartbinError("picamera2 is not importable: sudo apt install python3-picamera2, "
                             "and a venv made with --system-site-packages")
     from picamera2 import Picamera2
 
-    cameras = Picamera2.global_camera_info()
-    if not cameras:
+    found: list[dict[str, str]] = Picamera2.global_camera_info()
+    if not found:
         raise SmartbinError("no camera found: check the ribbon cable and 'rpicam-hello'")
-    return ", ".join(c.get("Model", "camera") for c in cameras)
+    return ", ".join(c.get("Model", "camera") for c in found)
 
 
 def _broker(cfg: Config) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from bin_controller.bins import BINS
 from bin_controller.errors import SmartbinError
@@ -23,7 +24,7 @@ class BinView:
     availability: str = "?"
     counts: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
-    events: deque = field(default_factory=lambda: deque(maxlen=5))
+    events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=5))
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -34,7 +35,8 @@ class Fleet:
         self.lock = threading.Lock()
         self.changed = threading.Event()
 
-    def on_message(self, client, userdata, msg) -> None:
+    def on_message(self, client: mqtt.Client, userdata: object,
+                   msg: mqtt.MQTTMessage) -> None:
         parts = msg.topic.split("/")
         if len(parts) < 3 or parts[0] != self.prefix:
             return
@@ -90,7 +92,7 @@ class Fleet:
 def run(args: argparse.Namespace) -> int:
     host, port = parse_host(args.host)
     fleet = Fleet(args.prefix)
-    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
     topic = f"{args.prefix}/{args.bin_id}/#"
     client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
     client.on_message = fleet.on_message

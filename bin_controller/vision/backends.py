@@ -18,7 +18,9 @@ BACKENDS: dict[str, str] = {
 
 def _interpreter_class(name: str) -> Callable[..., Any]:
     module = importlib.import_module(BACKENDS[name])
-    return module.lite.Interpreter if name == "tensorflow" else module.Interpreter
+    cls: Callable[..., Any] = module.lite.Interpreter if name == "tensorflow" \
+        else module.Interpreter
+    return cls
 
 
 def available_backends() -> list[str]:

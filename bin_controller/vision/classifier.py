@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,10 @@ def quantize(real: np.ndarray, q: Quant) -> np.ndarray:
     return np.clip(scaled, info.min, info.max).astype(q.dtype)
 
 
-def pixel_mapper(spec: InputSpec, q: Quant):
+ArrayMap = Callable[[np.ndarray], np.ndarray]
+
+
+def pixel_mapper(spec: InputSpec, q: Quant) -> ArrayMap:
     """A function from uint8 pixels to the input tensor's values.
 
     Quantized image models usually fold normalization into the input quantization, so
@@ -79,10 +83,11 @@ class StageRunner:
     def run(self, x: np.ndarray) -> np.ndarray:
         self.interpreter.set_tensor(self.input_index, x.reshape(self.input_shape))
         self.interpreter.invoke()
-        return self.interpreter.get_tensor(self.output_index)
+        out: np.ndarray = self.interpreter.get_tensor(self.output_index)
+        return out
 
 
-def _converter(src: Quant, dst: Quant):
+def _converter(src: Quant, dst: Quant) -> ArrayMap:
     """Moves one stage's output into the next stage's input type without losing precision."""
     if src == dst:
         return lambda v: v

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.ImageFile import ImageFile
 
 from bin_controller.errors import ImageError
 from bin_controller.vision.bundle import InputSpec
@@ -46,8 +47,8 @@ def prepare_array(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
 def load_image(path: str | Path, spec: InputSpec | None = None) -> Image.Image:
     """Open an image file upright (EXIF orientation applied), ready for prepare_image."""
     try:
-        image = Image.open(path)
-        if spec is not None and image.format == "JPEG":
+        image: Image.Image = Image.open(path)
+        if spec is not None and image.format == "JPEG" and isinstance(image, ImageFile):
             # Let the JPEG decoder downscale by 2/4/8 when the crop stays above model size.
             left, top, right, bottom = _crop_box(image.width, image.height, spec)
             scale = min((right - left) / spec.width, (bottom - top) / spec.height)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 import flatbuffers
 import numpy as np
@@ -38,7 +39,7 @@ class TFLiteFormatError(ValueError):
 class _Table:
     """A flatbuffer table: position in the buffer plus its vtable."""
 
-    def __init__(self, buf: bytes, pos: int) -> None:
+    def __init__(self, buf: bytes | bytearray, pos: int) -> None:
         self.buf = buf
         self.pos = pos
         vtable = pos - struct.unpack_from("<i", buf, pos)[0]
@@ -81,7 +82,7 @@ class _Table:
         return bytes(self.buf[start : start + n]).decode("utf-8", "replace") if n else ""
 
 
-def _model(buf: bytes) -> _Table:
+def _model(buf: bytes | bytearray) -> _Table:
     if len(buf) < 8 or buf[4:8] != b"TFL3":
         raise TFLiteFormatError("not a TFLite flatbuffer (missing 'TFL3' identifier)")
     return _Table(buf, struct.unpack_from("<I", buf, 0)[0])
@@ -141,7 +142,7 @@ class Op:
     code: int
     inputs: list[int]
     outputs: list[int]
-    options: dict = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,14 +161,16 @@ def _int_vector(b: flatbuffers.Builder, values: list[int]) -> int:
     b.StartVector(4, len(values), 4)
     for v in reversed(values):
         b.PrependInt32(int(v))
-    return b.EndVector()
+    end: int = b.EndVector()
+    return end
 
 
 def _offset_vector(b: flatbuffers.Builder, offsets: list[int]) -> int:
     b.StartVector(4, len(offsets), 4)
     for o in reversed(offsets):
         b.PrependUOffsetTRelative(o)
-    return b.EndVector()
+    end: int = b.EndVector()
+    return end
 
 
 def _options(b: flatbuffers.Builder, op: Op) -> tuple[int, int]:

@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
 
 import numpy as np
+from gpiozero import Factory
 
-from bin_controller.config import CameraSection
-from bin_controller.errors import CameraError, SmartbinError
-
-
-class Camera(Protocol):
-    def capture(self) -> np.ndarray:
-        """An RGB uint8 [H, W, 3] frame of the item on the flap."""
-        ...
-
-    def close(self) -> None: ...
+from bin_controller.config import CameraSection, Config
+from bin_controller.errors import CameraError, HardwareError
 
 
 class PiCamera:
     """picamera2 configured once and kept running: switching modes costs hundreds of ms."""
 
-    def __init__(self, cfg: CameraSection, pin_factory: Any) -> None:
+    def __init__(self, cfg: CameraSection, pin_factory: Factory) -> None:
         try:
             from picamera2 import Picamera2
         except ImportError as exc:
-            raise SmartbinError(
+            raise HardwareError(
                 "camera.type = 'picamera2' but picamera2 is not importable: on Raspberry Pi OS "
                 "run 'sudo apt install python3-picamera2' and create the venv with "
                 "--system-site-packages"
@@ -40,7 +32,7 @@ class PiCamera:
             self.cam.configure(config)
             self.cam.start()
         except Exception as exc:
-            raise SmartbinError(f"camera cannot start: {exc}") from exc
+            raise HardwareError(f"camera cannot start: {exc}") from exc
         time.sleep(cfg.warmup_s)  # let auto-exposure and white balance settle
         self.led = None
         if cfg.led_pin >= 0:
@@ -53,7 +45,8 @@ class PiCamera:
             if self.led:
                 self.led.on()
                 time.sleep(self.cfg.led_settle_s)
-            return self.cam.capture_array("main")[..., :3]
+            frame: np.ndarray = self.cam.capture_array("main")[..., :3]
+            return frame
         except Exception as exc:
             raise CameraError(str(exc)) from exc
         finally:
@@ -65,3 +58,8 @@ class PiCamera:
         self.cam.close()
         if self.led:
             self.led.close()
+
+
+def open_camera(cfg: Config, pin_factory: Factory) -> PiCamera:
+    """The registry's `camera.type = "picamera2"`."""
+    return PiCamera(cfg.camera, pin_factory)
