@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bin_controller.errors import SmartbinError
+from bin_controller.errors import DatasetError
 from hardware_sim.sources import IMAGE_SUFFIXES, load_bin_map
 
 SPLITS = ("train", "val", "test")
@@ -75,13 +75,13 @@ def _usable(path: Path) -> str | None:
 def load_dataset(root: Path, *, seed: int = 0, bin_map: Path | None = None) -> Dataset:
     root = Path(root)
     if not root.is_dir():
-        raise SmartbinError(f"{root}: no such dataset folder (expected class subfolders, or "
+        raise DatasetError(f"{root}: no such dataset folder (expected class subfolders, or "
                             "train/ val/ test/ each holding class subfolders)")
     presplit = all((root / s).is_dir() for s in SPLITS)
     files = {s: _scan(root / s) for s in SPLITS} if presplit else {"all": _scan(root)}
     classes = sorted({c for per in files.values() for c in per})
     if len(classes) < 2:
-        raise SmartbinError(f"{root}: needs at least two class subfolders, found {len(classes)}")
+        raise DatasetError(f"{root}: needs at least two class subfolders, found {len(classes)}")
     bins = load_bin_map(bin_map, classes)
     skipped: list[tuple[str, str]] = []
     samples: dict[str, list[Sample]] = {}
@@ -106,7 +106,7 @@ def load_dataset(root: Path, *, seed: int = 0, bin_map: Path | None = None) -> D
             ds.warnings.append(f"class {cls!r} has only {n} training images "
                                f"(fewer than {MIN_PER_CLASS})")
     if not ds.splits["train"] or not ds.splits["test"]:
-        raise SmartbinError(f"{root}: too few usable images to split into train/val/test")
+        raise DatasetError(f"{root}: too few usable images to split into train/val/test")
     return ds
 
 
@@ -135,11 +135,11 @@ def load_split(record_file: Path, root: Path) -> dict[str, list[Sample]]:
         for rel, short, label in data[part]:
             p = root / rel
             if not p.is_file():
-                raise SmartbinError(f"{p}: recorded in {record_file} but missing")
+                raise DatasetError(f"{p}: recorded in {record_file} but missing")
             sha = _sha(p)
             if sha[:16] != short:
-                raise SmartbinError(f"{p}: content changed since the split was recorded")
+                raise DatasetError(f"{p}: content changed since the split was recorded")
             if not 0 <= label < len(classes):
-                raise SmartbinError(f"{record_file}: bad label {label} for {rel}")
+                raise DatasetError(f"{record_file}: bad label {label} for {rel}")
             out[part].append(Sample(p, rel, label, sha))
     return out

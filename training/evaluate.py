@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from bin_controller.bins import BINS
-from bin_controller.errors import SmartbinError
+from bin_controller.errors import DatasetError
 from bin_controller.vision.bundle import Bundle
 from bin_controller.vision.classifier import Classifier, dequantize
 from bin_controller.vision.preprocess import load_image, prepare_image
@@ -45,12 +45,12 @@ def samples_for(bundle: Bundle, data: Path, split: str) -> list[Sample]:
     if record.is_file() and split in SPLITS:
         recorded = json.loads(record.read_text(encoding="utf-8"))
         if recorded["classes"] != bundle.label_names:
-            raise SmartbinError(f"{record}: classes differ from the bundle's labels")
+            raise DatasetError(f"{record}: classes differ from the bundle's labels")
         return load_split(record, data)[split]
     ds = load_dataset(data)
     if ds.classes != sorted(bundle.label_names) and ds.classes != bundle.label_names:
         missing = sorted(set(ds.classes) - set(bundle.label_names))
-        raise SmartbinError(f"{data}: classes {missing[:5]} are not labels of {bundle.name}")
+        raise DatasetError(f"{data}: classes {missing[:5]} are not labels of {bundle.name}")
     index = {name: i for i, name in enumerate(bundle.label_names)}
     samples = [s for part in SPLITS for s in ds.splits[part]]
     return [Sample(s.path, s.rel, index[ds.classes[s.label]], s.sha256) for s in samples]
@@ -71,7 +71,7 @@ def evaluate(bundle_ref: str | Path, data: Path, *, split: str = "test",
     bundle = classifier.bundle
     samples = samples_for(bundle, Path(data), split)
     if not samples:
-        raise SmartbinError(f"{data}: no images in split {split!r}")
+        raise DatasetError(f"{data}: no images in split {split!r}")
     layers = load_float_head(bundle.path) if len(classifier.stages) == 2 else None
     n_cls = len(bundle.labels)
     truth, pred, top5, latency, agree, pred_bin = [], [], [], [], [], []
