@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bin_controller.config import load_config
 from bin_controller.vision.backends import available_backends
 from bin_controller.vision.classifier import Classifier
 from bin_controller.vision.preprocess import prepare_array
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         for backend in backends:
             for n in threads:
                 c = Classifier(args.model, backend=backend, num_threads=n,
-                               backbone=args.backbone)
+                               backbone=args.backbone, models_dir=load_config(None).model.dir)
                 bare = percentiles(_time(_bare_invoke(c, prepare_array(frame, c.input_spec)),
                                          args.runs))
                 arr = percentiles(_time(lambda c=c: c.classify_array(frame), args.runs))
@@ -102,7 +103,7 @@ def run_cycle(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     classifier = Classifier(args.model, backend=args.backend, num_threads=args.threads,
-                            backbone=args.backbone)
+                            backbone=args.backbone, models_dir=cfg.model.dir)
     if args.images:
         items = FolderSource(args.images, args.bin_map, 0,
                              (cfg.camera.width, cfg.camera.height)).items(args.items)
@@ -136,7 +137,7 @@ def run_idle(args: argparse.Namespace) -> int:
 
     cfg = sim_config(load_config(args.config), fast=False)
     classifier = Classifier(args.model, backend=args.backend, num_threads=args.threads,
-                            backbone=args.backbone)
+                            backbone=args.backbone, models_dir=cfg.model.dir)
     sim = SimBin(cfg, Timing())
     loop = SortingLoop(config=cfg, sensor=make_sensor(cfg.sensor, sim.pin_factory),
                        camera=SimCamera(sim), classifier=classifier,
