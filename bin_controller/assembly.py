@@ -42,7 +42,8 @@ def make_classifier(model: ModelSection, *, bundle: str | None = None,
     """The classifier `model` describes (or another bundle with the same settings), loaded
     and checked completely: a broken bundle raises before anything uses it."""
     return Classifier(bundle or model.bundle, backend=model.backend,
-                      num_threads=threads or model.threads, backbone=model.backbone or None)
+                      num_threads=threads or model.threads, backbone=model.backbone or None,
+                      models_dir=model.dir)
 
 
 def open_store(cfg: Config) -> Store:

@@ -19,7 +19,7 @@ COMMAND_GROUP = "smartbin.commands"
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="bundle folder, or the name of one under model/ (default: demo)")
+                   help="bundle folder, or a name in model.dir, then shipped (default: demo)")
     p.add_argument("--backend", default="auto",
                    help="auto (LiteRT, then tflite-runtime, then tf.lite), litert, "
                         "tflite-runtime or tensorflow")
@@ -30,10 +30,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    from bin_controller.config import load_config
     from bin_controller.vision.classifier import Classifier
 
     classifier = Classifier(args.model, backend=args.backend, num_threads=args.threads,
-                            top_k=args.top, backbone=args.backbone)
+                            top_k=args.top, backbone=args.backbone,
+                            models_dir=load_config(None).model.dir)
     failures = 0
     for image in args.images:
         try:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from bin_controller.bins import BINS, bin_from_prefix
 from bin_controller.errors import ImageError, SmartbinError
+from bin_controller.vision.bundle import find_bin_map
 from bin_controller.vision.preprocess import load_image
 from hardware_sim import items
 from hardware_sim.mechanics import SimItem
@@ -39,6 +40,7 @@ class GeneratedSource:
 def load_bin_map(path: Path | None, classes: list[str]) -> dict[str, str]:
     """Class folder -> bin, from a JSON file, else from `<bin>_<item>` class-name prefixes."""
     mapping: dict[str, str] = {}
+    path = find_bin_map(path) if path is not None else None
     if path is not None:
         try:
             raw = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -5,11 +5,14 @@
 #   sudo systemd/install.sh --uninstall  stop, disable, remove the program (keeps config
 #                                        and counts; add --purge to remove those and the user)
 #
-# Options for packagers and tests: --root DIR (install below DIR), --no-apt, --no-systemctl,
-# --no-user, --no-venv.
+# The program is built into a wheel and installed (not editable) into /opt/smartbin/venv, so
+# the service needs no source tree at run time. Options for packagers and tests: --root DIR
+# (install below DIR), --no-apt, --no-systemctl, --no-user, --no-venv (skip the program);
+# $PYTHON picks the interpreter for the venv (default python3).
 set -euo pipefail
 
 ROOT="" APT=1 SYSTEMCTL=1 MKUSER=1 VENV=1 ACTION=install PURGE=0
+PYTHON=${PYTHON:-python3}
 while [ $# -gt 0 ]; do
   case "$1" in
     --uninstall) ACTION=uninstall ;;
@@ -19,7 +22,7 @@ while [ $# -gt 0 ]; do
     --no-systemctl) SYSTEMCTL=0 ;;
     --no-user) MKUSER=0 ;;
     --no-venv) VENV=0 ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -66,19 +69,30 @@ if [ "$MKUSER" = 1 ]; then
 fi
 
 install -d -m 0755 "$PREFIX"
-# A clean copy of the program (no venvs, caches or git history).
-rm -rf "$PREFIX/src.new"
-mkdir -p "$PREFIX/src.new"
-(cd "$SRC" && tar --exclude=.git --exclude='.venv*' --exclude=__pycache__ \
-   --exclude='*.egg-info' --exclude=.pytest_cache --exclude=.ruff_cache -cf - .) |
-  tar -C "$PREFIX/src.new" -xf -
-rm -rf "$PREFIX/src" && mv "$PREFIX/src.new" "$PREFIX/src"
 cp "$SRC/README.md" "$PREFIX/README.md"
+# Earlier versions ran from a copy of the source tree here; the wheel replaces it.
+rm -rf "$PREFIX/src"
 
 if [ "$VENV" = 1 ]; then
   # --system-site-packages: picamera2 and libcamera from Pi OS are visible in the venv.
-  [ -x "$PREFIX/venv/bin/python" ] || python3 -m venv --system-site-packages "$PREFIX/venv"
-  "$PREFIX/venv/bin/pip" install -q --disable-pip-version-check "$PREFIX/src[pi]"
+  [ -x "$PREFIX/venv/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$PREFIX/venv"
+  BUILD=$(mktemp -d)
+  trap 'rm -rf "$BUILD"' EXIT
+  # Built from a clean copy: setuptools writes build/ and *.egg-info beside the sources,
+  # which would leave root-owned files in the clone and can carry stale files into the wheel.
+  mkdir "$BUILD/src"
+  (cd "$SRC" && tar --exclude=.git --exclude='.venv*' --exclude=__pycache__ --exclude=./build \
+     --exclude='*.egg-info' --exclude=.pytest_cache --exclude=.ruff_cache --exclude=./out \
+     --exclude=head_float.npz -cf - .) | tar -C "$BUILD/src" -xf -
+  "$PREFIX/venv/bin/python" -m pip wheel -q --disable-pip-version-check --no-deps \
+    -w "$BUILD/dist" "$BUILD/src"
+  WHEEL=$(echo "$BUILD"/dist/smartbin-*.whl)
+  # An upgrade may keep the version number: force the program's files in, then let pip add
+  # whatever dependencies the new version needs.
+  "$PREFIX/venv/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall \
+    --no-deps "$WHEEL"
+  "$PREFIX/venv/bin/python" -m pip install -q --disable-pip-version-check "$WHEEL[pi]"
+  say "installed $(basename "$WHEEL") into $PREFIX/venv"
 fi
 
 install -d -m 0750 -o "$OWNER" -g "$GROUP" "$ETC"

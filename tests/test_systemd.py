@@ -13,8 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from hardware_sim import items
 from tests.broker import Broker, Listener
 from tests.conftest import REPO
 
@@ -167,8 +170,9 @@ def test_install_script_is_idempotent(tmp_path):
     assert r.returncode == 0 and "kept" in r.stdout
     assert config.read_text() == '[bin]\nid = "corner-7"\n'
     assert (tmp_path / "etc/systemd/system/smartbin.service").read_text() == UNIT.read_text()
-    assert (tmp_path / "opt/smartbin/src/bin_controller/service.py").is_file()
-    assert not (tmp_path / "opt/smartbin/src/.git").exists()
+    # The service runs from the venv alone: no copy of the source tree is left behind.
+    assert (tmp_path / "opt/smartbin/README.md").is_file()
+    assert not (tmp_path / "opt/smartbin/src").exists()
     r = subprocess.run(["bash", str(script), "--uninstall", *opts], capture_output=True,
                        text=True)
     assert r.returncode == 0 and not (tmp_path / "opt/smartbin").exists()
@@ -176,6 +180,35 @@ def test_install_script_is_idempotent(tmp_path):
     r = subprocess.run(["bash", str(script), "--uninstall", "--purge", *opts],
                        capture_output=True, text=True)
     assert r.returncode == 0 and not config.exists()
+
+
+@pytest.mark.slow
+def test_install_script_builds_a_venv_that_needs_no_source_tree(tmp_path):
+    script = REPO / "systemd" / "install.sh"
+    root = tmp_path / "root"
+    opts = ["--root", str(root), "--no-apt", "--no-systemctl", "--no-user"]
+    # A user's shell: nothing on PYTHONPATH that would hide a missing file in the venv.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PYTHON"] = sys.executable
+    before = sorted(REPO.iterdir())
+    for _ in range(2):  # the second run is an upgrade in place, same version number
+        r = subprocess.run(["bash", str(script), *opts], capture_output=True, text=True,
+                           env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "installed smartbin-" in r.stdout
+    assert sorted(REPO.iterdir()) == before, "the build left files in the checkout"
+    smartbin = root / "opt/smartbin/venv/bin/smartbin"
+    work = tmp_path / "work"
+    work.mkdir()
+    photo = work / "item.jpg"
+    kind = next(k for k in items.KINDS if k.bin == "hazardous")
+    Image.fromarray(items.render(kind, np.random.default_rng(3))).save(photo)
+    r = subprocess.run([str(smartbin), "classify", photo.name], cwd=work, capture_output=True,
+                       text=True, env={**env, "SMARTBIN_MODELS": str(tmp_path / "models")})
+    assert r.returncode == 0 and "-> hazardous" in r.stdout, r.stderr
+    r = subprocess.run(["bash", str(script), "--uninstall", *opts], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and not (root / "opt/smartbin").exists()
 
 
 def test_example_config_and_readme_follow_the_schema():

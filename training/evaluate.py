@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from bin_controller.bins import BINS
+from bin_controller.config import load_config
 from bin_controller.errors import DatasetError
 from bin_controller.vision.bundle import Bundle
 from bin_controller.vision.classifier import Classifier, dequantize
@@ -67,7 +68,8 @@ def _float_scores(classifier: Classifier, layers: list[Dense], pixels: np.ndarra
 def evaluate(bundle_ref: str | Path, data: Path, *, split: str = "test",
              out: Path | None = None, backbone: str | None = None, backend: str = "auto",
              progress: bool | None = None) -> dict[str, Any]:
-    classifier = Classifier(bundle_ref, backend=backend, backbone=backbone, top_k=5)
+    classifier = Classifier(bundle_ref, backend=backend, backbone=backbone, top_k=5,
+                            models_dir=load_config(None).model.dir)
     bundle = classifier.bundle
     samples = samples_for(bundle, Path(data), split)
     if not samples:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bin_controller.config import load_config
 from bin_controller.vision.backends import available_backends
 from bin_controller.vision.classifier import Classifier
 from bin_controller.vision.preprocess import prepare_array
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         for backend in backends:
             for n in threads:
                 c = Classifier(args.model, backend=backend, num_threads=n,
-                               backbone=args.backbone)
+                               backbone=args.backbone, models_dir=load_config(None).model.dir)
                 bare = percentiles(time_runs(bare_invoke(c, prepare_array(frame, c.input_spec)),
                                          args.runs))
                 arr = percentiles(time_runs(partial(c.classify_array, frame), args.runs))

@@ -6,19 +6,39 @@ which is how the study's chosen model is deployed without retraining the backbon
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bin_controller.bins import BINS
-from bin_controller.errors import BundleError
+from bin_controller.errors import BundleError, SmartbinError
 from bin_controller.vision import tflite_format
 from bin_controller.vision.fetch import RemoteFile, resolve, sha256_bytes
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-REPO_MODELS = Path(__file__).resolve().parents[2] / "model"
+SHIPPED_PACKAGE = "smartbin_models"  # the repository's model/ folder, as installed
+
+
+def _shipped_models() -> Path:
+    """The folder holding the bundles shipped with smartbin."""
+    try:
+        root = importlib.resources.files(SHIPPED_PACKAGE)
+    except ModuleNotFoundError:
+        root = None
+    # Bundles are read as plain files, so only a package on disk will do (not a zip).
+    if isinstance(root, Path) and root.is_dir():
+        return root
+    # A checkout run with only PYTHONPATH set has no smartbin_models to import.
+    return Path(__file__).resolve().parents[2] / "model"
+
+
+SHIPPED_MODELS = _shipped_models()
+# The name training.build_demo and the tests know the shipped folder by.
+REPO_MODELS = SHIPPED_MODELS
+BIN_MAPS = SHIPPED_MODELS / "bin_maps"
 
 
 @dataclass(frozen=True)
@@ -222,25 +242,60 @@ def parse_manifest(data: Any, bundle_dir: Path) -> Bundle:
     )
 
 
-def find_bundle(name_or_path: str | Path) -> Path:
-    """A bundle folder by path, or by name under the repository's model/ folder."""
+def _is_name(p: Path) -> bool:
+    """A bare name (`trashnet`) rather than a path (`./trashnet`, `model/trashnet`)."""
+    return len(p.parts) == 1 and not p.is_absolute() and p.name not in ("", ".", "..")
+
+
+def _bundle_names(folder: Path) -> str:
+    if not folder.is_dir():
+        return "no such folder"
+    names = sorted(d.name for d in folder.iterdir() if (d / MANIFEST).is_file())
+    return ", ".join(names) if names else "no bundles"
+
+
+def find_bundle(name_or_path: str | Path, *, models_dir: str | Path | None = None) -> Path:
+    """A bundle folder: a path to one (or to its manifest) as it is; a bare name in
+    `models_dir` (trained and taught bundles) first, then among the shipped bundles."""
     p = Path(name_or_path).expanduser()
     if (p / MANIFEST).is_file():
         return p
     if p.name == MANIFEST and p.is_file():
         return p.parent
-    bundled = REPO_MODELS / str(name_or_path)
-    if (bundled / MANIFEST).is_file():
-        return bundled
-    raise BundleError(
-        f"{p}: no model bundle here (expected a folder with {MANIFEST}, or one of: "
-        f"{', '.join(sorted(d.name for d in REPO_MODELS.iterdir() if (d / MANIFEST).is_file()))})"
-        if REPO_MODELS.is_dir() else f"{p}: no model bundle here (expected {MANIFEST})"
-    )
+    # The models folder comes first so that a bundle retrained on the bin under a shipped
+    # name (say trashnet) replaces the shipped one without touching the installed program.
+    places = [("the models folder", Path(models_dir).expanduser())] if models_dir else []
+    places.append(("the shipped bundles", SHIPPED_MODELS))
+    if _is_name(p):
+        for _, folder in places:
+            if (folder / p.name / MANIFEST).is_file():
+                return folder / p.name
+    searched = " and ".join(f"{what} {folder} ({_bundle_names(folder)})"
+                            for what, folder in places)
+    put = f"put the bundle folder in {places[0][1]}, " if models_dir else ""
+    if _is_name(p):
+        raise BundleError(f"{p}: no model bundle by that name in {searched}; use one of "
+                          f"those names, {put}or give the path of a folder with {MANIFEST}")
+    raise BundleError(f"{p}: no model bundle here (expected a folder with {MANIFEST}); "
+                      f"bundles by name are looked up in {searched}")
 
 
-def load_bundle(name_or_path: str | Path) -> Bundle:
-    bundle_dir = find_bundle(name_or_path)
+def find_bin_map(name_or_path: str | Path) -> Path:
+    """A bin map (JSON class -> bin) file by path, or by bare name among the shipped ones
+    (`trashnet` for model/bin_maps/trashnet.json), so it works without a checkout."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file() or not _is_name(p):
+        return p
+    shipped = BIN_MAPS / (p.name if p.suffix == ".json" else f"{p.name}.json")
+    if shipped.is_file():
+        return shipped
+    names = sorted(f.stem for f in BIN_MAPS.glob("*.json"))
+    raise SmartbinError(f"{p}: no such bin map file, nor a shipped bin map of that name "
+                        f"(shipped in {BIN_MAPS}: {', '.join(names) or 'none'})")
+
+
+def load_bundle(name_or_path: str | Path, *, models_dir: str | Path | None = None) -> Bundle:
+    bundle_dir = find_bundle(name_or_path, models_dir=models_dir)
     manifest = bundle_dir / MANIFEST
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))

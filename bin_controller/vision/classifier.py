@@ -123,8 +123,10 @@ class Classifier:
         num_threads: int = 1,
         top_k: int = 5,
         backbone: str | None = None,
+        models_dir: str | Path | None = None,
     ) -> None:
-        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.bundle = (bundle if isinstance(bundle, Bundle)
+                       else load_bundle(bundle, models_dir=models_dir))
         if num_threads < 1:
             raise SmartbinError(f"num_threads must be 1 or more, got {num_threads}")
         self.num_threads = num_threads
