@@ -9,6 +9,7 @@ from typing import Any
 from bin_controller.config import Config
 from bin_controller.mqtt.commands import make_dispatcher
 from bin_controller.mqtt.telemetry import Telemetry
+from bin_controller.payloads import event_message
 from bin_controller.sorter import SortingLoop
 from bin_controller.store import Store
 
@@ -17,7 +18,8 @@ log = logging.getLogger(__name__)
 
 def open_store(cfg: Config, state_dir: str | Path | None = None) -> Store:
     return Store(state_dir or cfg.bin.state_dir, synchronous=cfg.store.synchronous.upper(),
-                 journal_keep=cfg.store.journal_keep, outbox_max=cfg.store.outbox_max)
+                 journal_keep=cfg.store.journal_keep, outbox_max=cfg.store.outbox_max,
+                 message=event_message)
 
 
 def attach(cfg: Config, loop: SortingLoop, store: Store) -> Telemetry | None:
