@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bin_controller.config import Config
-from bin_controller.mqtt.commands import make_dispatcher
+from bin_controller.mqtt.commands import make_handlers
 from bin_controller.mqtt.telemetry import Telemetry
 from bin_controller.payloads import event_message
 from bin_controller.sorter import SortingLoop
@@ -35,7 +35,7 @@ def attach(cfg: Config, loop: SortingLoop, store: Store) -> Telemetry | None:
             telemetry.publish_counts()
 
     telemetry = Telemetry(cfg.mqtt, bin_id=cfg.bin.id, store=store,
-                          commands=make_dispatcher(cfg, loop, store, counts_changed),
+                          commands=make_handlers(cfg, loop, store, counts_changed),
                           status=loop.status)
     loop.on_event.append(telemetry.on_event)
     loop.on_state.append(telemetry.on_state)

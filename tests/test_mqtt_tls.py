@@ -124,7 +124,7 @@ def test_missing_tls_files_are_a_clear_error(tmp_path):
 
 
 def test_systemd_credential_is_used(tmp_path, monkeypatch):
-    from bin_controller.mqtt.telemetry import read_password
+    from bin_controller.mqtt.connection import read_password
 
     (tmp_path / "mqtt_password").write_text("from-credential\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))

@@ -15,7 +15,7 @@ import paho.mqtt.client as mqtt
 
 from bin_controller.bins import BINS
 from bin_controller.errors import SmartbinError
-from bin_controller.mqtt.telemetry import parse_host
+from bin_controller.mqtt.connection import parse_host
 
 
 @dataclass
