@@ -30,6 +30,7 @@ from bin_controller.parts import (
     PresenceSensor,
     Recorder,
 )
+from bin_controller.payloads import event_message
 from bin_controller.sorter import SortingLoop
 from bin_controller.store import Store
 from bin_controller.vision.classifier import Classifier
@@ -48,7 +49,8 @@ def make_classifier(model: ModelSection, *, bundle: str | None = None,
 
 def open_store(cfg: Config) -> Store:
     return Store(cfg.bin.state_dir, synchronous=cfg.store.synchronous.upper(),
-                 journal_keep=cfg.store.journal_keep, outbox_max=cfg.store.outbox_max)
+                 journal_keep=cfg.store.journal_keep, outbox_max=cfg.store.outbox_max,
+                 message=event_message)
 
 
 @dataclass
@@ -126,7 +128,7 @@ def build_bin(cfg: Config, *, classifier: ImageClassifier | None = None,
 
 
 def _telemetry(cfg: Config, loop: SortingLoop, store: Store) -> Telemetry:
-    from bin_controller.mqtt.commands import make_dispatcher
+    from bin_controller.mqtt.commands import make_handlers
 
     telemetry: Telemetry | None = None
 
@@ -135,7 +137,9 @@ def _telemetry(cfg: Config, loop: SortingLoop, store: Store) -> Telemetry:
             telemetry.publish_counts()
 
     telemetry = Telemetry(cfg.mqtt, bin_id=cfg.bin.id, store=store,
-                          commands=make_dispatcher(cfg, loop, store, counts_changed),
+                          commands=make_handlers(
+                              cfg, loop, store, counts_changed,
+                              load_classifier=lambda ref: make_classifier(cfg.model, bundle=ref)),
                           status=loop.status)
     loop.on_event.append(telemetry.on_event)
     loop.on_state.append(telemetry.on_state)

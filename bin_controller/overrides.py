@@ -9,7 +9,7 @@ from typing import Any
 def cli_overrides(args: Any) -> dict[str, Any]:
     """--mqtt HOST[:PORT], --bin-id, --state-dir, --model and --backbone from the command
     line, over the configuration file."""
-    from bin_controller.mqtt.telemetry import parse_host
+    from bin_controller.mqtt.connection import parse_host
 
     overrides: dict[str, Any] = {}
     if getattr(args, "mqtt", None):

@@ -10,20 +10,23 @@ loop will sort it again. So an item is never lost and never counted twice.
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bin_controller.bins import BINS
 from bin_controller.domain import SortEvent
 from bin_controller.errors import SmartbinError
 from bin_controller.parts import Pending
+
+if TYPE_CHECKING:
+    from bin_controller.payloads import OutboxMessage
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class Store:
 
     def __init__(self, state_dir: str | Path, *, synchronous: str = "FULL",
                  journal_keep: int = 100_000, outbox_max: int = 100_000,
-                 event_topic: str = "event") -> None:
+                 message: Callable[[SortEvent], OutboxMessage] | None = None) -> None:
         self.path = Path(state_dir) / DB_NAME
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +75,7 @@ class Store:
                                 "bin.state_dir (or --state-dir) to a writable folder") from exc
         self.journal_keep = journal_keep
         self.outbox_max = outbox_max
-        self.event_topic = event_topic
+        self.message = message
         self._lock = threading.RLock()
         self.dropped_messages = 0
         with self._tx() as c:
@@ -140,7 +143,9 @@ class Store:
                   f"(?, {', '.join('?' * len(EVENT_FIELDS))})",
                   (seq, *[row[k] for k in EVENT_FIELDS]))
         c.execute("UPDATE counts SET n = n + 1 WHERE bin=?", (event.bin,))
-        self._queue(c, self.event_topic, json.dumps(row, ensure_ascii=False), 1)
+        if self.message is not None:
+            m = self.message(event)
+            self._queue(c, m.topic, m.payload, m.qos)
         if self.journal_keep:
             c.execute("DELETE FROM journal WHERE seq <= ?", (seq - self.journal_keep,))
 

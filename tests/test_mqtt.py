@@ -8,11 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bin_controller.app import attach, open_store
 from bin_controller.bins import BINS
 from bin_controller.config import config_from_dict
 from bin_controller.vision.classifier import Classifier
-from hardware_sim.simulate import run_simulation
+from hardware_sim.simulate import Simulation, sim_config
 from hardware_sim.sources import GeneratedSource
 from tests.broker import Broker, Listener, request
 
@@ -37,15 +36,14 @@ def mqtt_cfg(port: int, bin_id: str = "t1", **extra):
 
 
 def run_bin(cfg, demo, tmp_path, n, *, on_item=None, seed=0, drain_s=30):
-    store = open_store(cfg, tmp_path / "state")
-    telemetry = []
-    result = run_simulation(cfg, GeneratedSource(seed).items(n), demo, fast=True,
-                            recorder=store, on_item=on_item,
-                            on_loop=lambda loop: telemetry.append(attach(cfg, loop, store)))
-    drained = telemetry[0].drain(drain_s)
-    telemetry[0].stop()
-    counts = store.snapshot()
-    store.close()
+    """The bin as the composition root builds it (store and telemetry from the config)."""
+    cfg = sim_config(cfg.with_overrides({"bin": {"state_dir": str(tmp_path / "state")}}),
+                     fast=True)
+    with Simulation(cfg, classifier=demo) as simulation:
+        result = simulation.drop(GeneratedSource(seed).items(n), on_item=on_item)
+        telemetry, store = simulation.bin.telemetry, simulation.bin.store
+        drained = telemetry.drain(drain_s)
+        counts = store.snapshot()
     return result, drained, counts
 
 
@@ -158,25 +156,11 @@ class _Bin:
     """A running simulated bin with telemetry, for command tests."""
 
     def __init__(self, port, demo, tmp_path):
-        import threading
-
-        from bin_controller.hardware.flap import Flap
-        from bin_controller.hardware.sensors import make_sensor
-        from bin_controller.sorter import SortingLoop
-        from hardware_sim.mechanics import SimBin, SimCamera, Timing
-        from hardware_sim.simulate import sim_config
-
-        self.cfg = sim_config(mqtt_cfg(port), fast=True)
-        self.sim = SimBin(self.cfg, Timing.fast())
-        self.store = open_store(self.cfg, tmp_path / "state")
-        self.loop = SortingLoop(config=self.cfg,
-                                sensor=make_sensor(self.cfg.sensor, self.sim.pin_factory),
-                                camera=SimCamera(self.sim), classifier=demo,
-                                flap=Flap(self.cfg.flap, self.sim.pin_factory),
-                                recorder=self.store)
-        self.telemetry = attach(self.cfg, self.loop, self.store)
-        self.thread = threading.Thread(target=self.loop.run, daemon=True)
-        self.thread.start()
+        self.cfg = sim_config(mqtt_cfg(port).with_overrides(
+            {"bin": {"state_dir": str(tmp_path / "state")}}), fast=True)
+        self.simulation = Simulation(self.cfg, classifier=demo).__enter__()
+        smartbin = self.simulation.bin
+        self.loop, self.store, self.telemetry = smartbin.loop, smartbin.store, smartbin.telemetry
         assert self.telemetry.subscribed.wait(10)  # commands sent now are received
         self.port = port
 
@@ -187,11 +171,7 @@ class _Bin:
         return json.loads(raw)
 
     def close(self):
-        self.loop.stop()
-        self.thread.join(5)
-        self.telemetry.stop()
-        self.store.close()
-        self.sim.close()
+        self.simulation.__exit__(None, None, None)
 
 
 @pytest.fixture

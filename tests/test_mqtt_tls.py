@@ -14,6 +14,7 @@ import pytest
 from bin_controller.config import config_from_dict
 from bin_controller.errors import SmartbinError
 from bin_controller.mqtt.telemetry import Telemetry
+from bin_controller.payloads import event_message
 from bin_controller.store import Store
 from tests.broker import Broker, mosquitto_binary
 
@@ -72,7 +73,7 @@ def _telemetry(port, pki, tmp_path, **over):
             "key_file": str(pki / "client.key"), "username": "bin-1",
             "password_file": str(tmp_path / "pw"), **over}
     cfg = config_from_dict({"bin": {"id": "tls1"}, "mqtt": mqtt})
-    store = Store(tmp_path / "state")
+    store = Store(tmp_path / "state", message=event_message)
     return Telemetry(cfg.mqtt, bin_id="tls1", store=store), store
 
 
@@ -116,14 +117,14 @@ def test_wrong_password_is_refused_and_logged_without_it(tls_broker, tmp_path, c
 def test_missing_tls_files_are_a_clear_error(tmp_path):
     cfg = config_from_dict({"mqtt": {"enabled": True, "tls": True,
                                      "ca_file": str(tmp_path / "nope.crt")}})
-    store = Store(tmp_path / "s")
+    store = Store(tmp_path / "s", message=event_message)
     with pytest.raises(SmartbinError, match="mqtt TLS files"):
         Telemetry(cfg.mqtt, bin_id="x", store=store)
     store.close()
 
 
 def test_systemd_credential_is_used(tmp_path, monkeypatch):
-    from bin_controller.mqtt.telemetry import read_password
+    from bin_controller.mqtt.connection import read_password
 
     (tmp_path / "mqtt_password").write_text("from-credential\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))

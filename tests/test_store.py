@@ -14,6 +14,7 @@ import time
 import pytest
 
 from bin_controller.domain import SortEvent
+from bin_controller.payloads import event_message
 from bin_controller.store import Store
 from tests.broker import Broker, Listener
 from tests.conftest import REPO
@@ -26,20 +27,20 @@ def event(bin_name="other", label="x") -> SortEvent:
 
 
 def test_record_counts_journals_and_queues_in_one_go(tmp_path):
-    s = Store(tmp_path)
+    s = Store(tmp_path, message=event_message)
     e = s.record(event("kitchen"))
     assert e.seq == 1 and s.counts()["kitchen"] == 1
     assert [j.seq for j in s.journal()] == [1]
     (_oid, topic, payload, qos), = s.outbox_batch()
     assert topic == "event" and qos == 1 and json.loads(payload)["seq"] == 1
     s.close()
-    again = Store(tmp_path)  # reopened: everything is still there
+    again = Store(tmp_path, message=event_message)  # reopened: everything is still there
     assert again.counts()["kitchen"] == 1 and again.last_seq() == 1
     assert again.record(event()).seq == 2
 
 
 def test_pending_item_is_resolved_by_the_flap(tmp_path):
-    s = Store(tmp_path)
+    s = Store(tmp_path, message=event_message)
     s.begin(event("hazardous"))  # decided, then the power went
     assert s.counts()["hazardous"] == 0
     assert s.recover(item_still_present=False)[0].seq == 1  # gone: it was sorted
@@ -53,7 +54,7 @@ def test_pending_item_is_resolved_by_the_flap(tmp_path):
 
 
 def test_committing_twice_never_counts_twice(tmp_path):
-    s = Store(tmp_path)
+    s = Store(tmp_path, message=event_message)
     p = s.begin(event())
     s.commit(p)
     s.commit(p)
@@ -61,7 +62,7 @@ def test_committing_twice_never_counts_twice(tmp_path):
 
 
 def test_outbox_bound_drops_oldest_and_counts_stay_exact(tmp_path):
-    s = Store(tmp_path, outbox_max=100, journal_keep=100)
+    s = Store(tmp_path, outbox_max=100, journal_keep=100, message=event_message)
     for _ in range(130):
         s.record(event())
     assert s.outbox_size() == 100 and s.dropped_messages == 30
@@ -86,6 +87,18 @@ def _simulate(state, port, *args):
             *args]
 
 
+def _landed(state) -> int:
+    world = state / "sim-world" / "world.json"
+    return len(json.loads(world.read_text())["landed"]) if world.is_file() else 0
+
+
+def _wait_landed(state, n: int, proc, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while _landed(state) < n and proc.poll() is None:
+        assert time.monotonic() < end, f"fewer than {n} items landed in {timeout} s"
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
 def test_killed_mid_run_loses_nothing_and_counts_nothing_twice(tmp_path):
     broker = Broker(tmp_path)
@@ -99,7 +112,10 @@ def test_killed_mid_run_loses_nothing_and_counts_nothing_twice(tmp_path):
                                               "--pace", "0.01", "--seed", str(run)),
                                     cwd=REPO, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(2.0, 3.5))
+            # Killed after a random number of items landed (not after a fixed time, which
+            # on a loaded machine may be before the first item).
+            _wait_landed(state, _landed(state) + rng.randint(8, 25), proc)
+            time.sleep(rng.uniform(0.0, 0.05))  # anywhere in a cycle
             assert proc.poll() is None, "the run ended before it could be killed"
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -99,13 +99,14 @@ def run(args: argparse.Namespace) -> int:
 def run_store(args: argparse.Namespace) -> int:
     """Items committed per second (count + journal + outbox in one transaction)."""
     from bin_controller.domain import SortEvent
+    from bin_controller.payloads import event_message
     from bin_controller.store import Store
 
     print(f"{args.items} items per run, each: begin (pending) + commit (count, journal, "
           "outbox) as the loop does")
     for mode in ("FULL", "NORMAL"):
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-            store = Store(tmp, synchronous=mode)
+            store = Store(tmp, synchronous=mode, message=event_message)
             t0 = time.perf_counter()
             for _ in range(args.items):
                 e = SortEvent(time=time.time(), bin="other", label="x", label_en="x",

@@ -16,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bin_controller.bins import BINS
 from bin_controller.errors import SmartbinError
-from bin_controller.mqtt.telemetry import parse_host
+from bin_controller.mqtt.connection import parse_host
 
 
 @dataclass

@@ -1,0 +1,83 @@
+"""Home Assistant MQTT discovery: which entities the bin announces, as plain data.
+
+Pure functions of the configuration, so they are tested without a broker; the retained
+part publishes them (retained) on every connect and when Home Assistant restarts.
+"""
+
+from __future__ import annotations
+
+from bin_controller import __version__
+from bin_controller.bins import BINS
+from bin_controller.config import MqttSection
+from bin_controller.payloads import (
+    AVAILABILITY,
+    COUNTS,
+    LAST,
+    OFFLINE,
+    ONLINE,
+    STATE,
+    JsonObject,
+    counts_topic,
+)
+
+
+def node_id(bin_id: str) -> str:
+    # Home Assistant object ids allow [a-zA-Z0-9_]; bin ids are often host names with '-'.
+    return f"smartbin_{bin_id}".replace("-", "_")
+
+
+def status_topic(cfg: MqttSection) -> str:
+    """Where Home Assistant says `online` after it restarts and has forgotten every entity."""
+    return f"{cfg.discovery_prefix}/status"
+
+
+def device(bin_id: str) -> JsonObject:
+    return {"identifiers": [node_id(bin_id)], "name": f"Smart bin {bin_id}",
+            "manufacturer": "smartbin", "model": "four-compartment sorting bin",
+            "sw_version": __version__}
+
+
+def sensors(base: str) -> dict[str, JsonObject]:
+    """Sensor key -> its entity config without the shared fields."""
+    out: dict[str, JsonObject] = {}
+    for b in BINS:
+        out[f"count_{b}"] = {
+            "name": f"{b.capitalize()} items", "state_topic": f"{base}/{counts_topic(b)}",
+            "state_class": "total_increasing", "unit_of_measurement": "items",
+            "icon": "mdi:delete-variant"}
+    out["count_total"] = {
+        "name": "Items sorted", "state_topic": f"{base}/{COUNTS}",
+        "value_template": "{{ value_json.total }}", "state_class": "total_increasing",
+        "unit_of_measurement": "items", "icon": "mdi:delete"}
+    out["last_item"] = {
+        "name": "Last item", "state_topic": f"{base}/{LAST}",
+        "value_template": "{{ value_json.label_en or value_json.label or 'unknown' }}",
+        "json_attributes_topic": f"{base}/{LAST}", "icon": "mdi:recycle"}
+    out["last_bin"] = {
+        "name": "Last bin", "state_topic": f"{base}/{LAST}",
+        "value_template": "{{ value_json.bin }}", "icon": "mdi:tray-arrow-down"}
+    out["state"] = {
+        "name": "State", "state_topic": f"{base}/{STATE}",
+        "value_template": "{{ value_json.state }}",
+        "json_attributes_topic": f"{base}/{STATE}", "icon": "mdi:state-machine"}
+    return out
+
+
+def discovery_payloads(cfg: MqttSection, bin_id: str, base: str) -> dict[str, JsonObject]:
+    """Config topic -> config payload, for every entity of the bin, under one device."""
+    node = node_id(bin_id)
+    dev = device(bin_id)
+    availability: JsonObject = {"availability_topic": f"{base}/{AVAILABILITY}",
+                                "payload_available": ONLINE,
+                                "payload_not_available": OFFLINE}
+    out: dict[str, JsonObject] = {}
+    for key, conf in sensors(base).items():
+        topic = f"{cfg.discovery_prefix}/sensor/{node}/{key}/config"
+        out[topic] = {**conf, "unique_id": f"{node}_{key}", "object_id": f"{node}_{key}",
+                      "device": dev, **availability}
+    online = f"{cfg.discovery_prefix}/binary_sensor/{node}/online/config"
+    out[online] = {"name": "Online", "state_topic": f"{base}/{AVAILABILITY}",
+                   "payload_on": ONLINE, "payload_off": OFFLINE,
+                   "device_class": "connectivity", "unique_id": f"{node}_online",
+                   "object_id": f"{node}_online", "device": dev}
+    return out
