@@ -10,6 +10,7 @@ broken classifier); everything else follows from the config.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -47,10 +48,10 @@ def make_classifier(model: ModelSection, *, bundle: str | None = None,
                       models_dir=model.dir)
 
 
-def open_store(cfg: Config) -> Store:
+def open_store(cfg: Config, *, on_fault: Callable[[str, str], None] | None = None) -> Store:
     return Store(cfg.bin.state_dir, synchronous=cfg.store.synchronous.upper(),
                  journal_keep=cfg.store.journal_keep, outbox_max=cfg.store.outbox_max,
-                 message=event_message)
+                 message=event_message, on_fault=on_fault)
 
 
 @dataclass
@@ -112,11 +113,15 @@ def build_bin(cfg: Config, *, classifier: ImageClassifier | None = None,
             gate = ServoGate(cfg.gate, pin_factory)
             stack.callback(gate.close)
         store = None
+        opening: list[tuple[str, str]] = []  # store faults from before the loop exists
         if recorder is None:
-            store = recorder = open_store(cfg)
+            store = recorder = open_store(
+                cfg, on_fault=lambda kind, detail: opening.append((kind, detail)))
             stack.callback(store.close)
         loop = SortingLoop(config=cfg, sensor=sensor, camera=camera, classifier=classifier,
                            flap=flap, recorder=recorder, gate=gate)
+        if isinstance(recorder, Store) and (recorder is store or recorder.on_fault is None):
+            _route_store_faults(recorder, loop, opening)
         telemetry = None
         if cfg.mqtt.enabled and store is not None:
             telemetry = _telemetry(cfg, loop, store)
@@ -125,6 +130,15 @@ def build_bin(cfg: Config, *, classifier: ImageClassifier | None = None,
                    classifier=classifier, flap=flap, gate=gate, recorder=recorder, loop=loop,
                    store=store, telemetry=telemetry, _stack=stack.pop_all())
     raise AssertionError("unreachable")  # pragma: no cover - ExitStack never swallows
+
+
+def _route_store_faults(store: Store, loop: SortingLoop,
+                        opening: list[tuple[str, str]]) -> None:
+    """The store's faults (a full disk, a database rebuilt at open) become the loop's:
+    counted, logged once, and published on MQTT `fault` like a jam."""
+    store.on_fault = loop.report_fault
+    for kind, detail in opening:
+        loop.report_fault(kind, detail)
 
 
 def _telemetry(cfg: Config, loop: SortingLoop, store: Store) -> Telemetry:

@@ -172,6 +172,11 @@ class SortingLoop:
         for cb in self.on_fault:
             cb(fault)
 
+    def report_fault(self, kind: str, detail: str) -> None:
+        """A fault another part found (the store's full disk, a rebuilt database): counted,
+        logged and published like the loop's own. Callable from any thread."""
+        self._fault(kind, detail)
+
     def _drain(self, timeout: float) -> None:
         """Wait for anything to happen (or the tick), running submitted commands."""
         try:

@@ -6,44 +6,92 @@ flap has moved.
 After a crash or power cut a pending item is resolved by looking at the flap: if the item
 is gone it was sorted and is committed now; if it still lies there it was not, and the
 loop will sort it again. So an item is never lost and never counted twice.
+
+Storage faults never stop the bin. When the disk is full the store deletes what it owns
+and can spare (old journal rows beyond JOURNAL_FLOOR, then the oldest unsent event
+messages) and tries again; if it is still full, committed items are numbered and counted
+in memory and written, in order, as soon as a write succeeds again (on the next item or
+within HELD_RETRY_S). Items held in memory do not survive the process: those noted as
+pending before the disk filled are recovered at restart, the rest are logged as lost at
+close. A damaged or vanished database is moved aside at open and the counts
+rebuilt (see store_recovery.py). Both are reported through `on_fault(kind, detail)`:
+`disk_full`, `store_error` (any other failed write) and `store_recovered`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bin_controller.bins import BINS
 from bin_controller.domain import SortEvent
-from bin_controller.errors import SmartbinError
+from bin_controller.errors import StoreError
 from bin_controller.parts import Pending
+from bin_controller.store_recovery import (
+    DB_NAME,
+    EVENT_FIELDS,
+    SIDECAR_EVERY,
+    Rebuilt,
+    Salvage,
+    Sidecar,
+    SidecarState,
+    check_database,
+    format_base,
+    has_content,
+    header_problem,
+    inspect,
+    is_corruption,
+    is_disk_full,
+    move_aside,
+    parse_seq,
+    rebuild,
+    salvage,
+)
 
 if TYPE_CHECKING:
     from bin_controller.payloads import OutboxMessage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-DB_NAME = "smartbin.db"
+__all__ = ["DB_NAME", "EVENT_FIELDS", "Store", "connect", "inspect"]
+
 SCHEMA_VERSION = 1
-EVENT_FIELDS = [f.name for f in fields(SortEvent) if f.name != "seq"]
+# Journal rows a full disk never takes: the latest items stay readable, and a journal
+# tail at least as long as SIDECAR_EVERY keeps a rebuild after corruption exact.
+JOURNAL_FLOOR = max(100, SIDECAR_EVERY)
+# Unsent event messages deleted per attempt when the journal has nothing more to give
+# (about 0.4 MB): the counts stay exact, only the per-item history is thinned.
+OUTBOX_FREE_CHUNK = 1000
+# Seconds between attempts to write items held in memory when no new item comes.
+HELD_RETRY_S = 1.0
+# Items written per transaction when a backlog held in memory is written.
+FLUSH_CHUNK = 500
+# The same storage fault is reported again at most this often (a disk that stays full
+# makes the store free space every few hundred items).
+FAULT_REPEAT_S = 600.0
 
+EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
+EVENT_PLACEHOLDERS = ", ".join("?" * len(EVENT_FIELDS))
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counts (bin TEXT PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY,
-    {", ".join(f"{name}" for name in EVENT_FIELDS)}
+    {EVENT_COLUMNS}
 );
 CREATE TABLE IF NOT EXISTS pending (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    {", ".join(f"{name}" for name in EVENT_FIELDS)}
+    {EVENT_COLUMNS}
 );
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -53,101 +101,432 @@ CREATE TABLE IF NOT EXISTS outbox (
     created REAL NOT NULL
 );
 """
+TABLES = frozenset({"meta", "counts", "journal", "pending", "outbox"})
+
+
+def connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    """The store's connection (a seam: tests make the disk "full" with max_page_count)."""
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    # Damaged text reads as U+FFFD instead of failing the read it is part of.
+    db.text_factory = _decode
+    try:
+        db.execute("PRAGMA busy_timeout=5000")
+        db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed item survives a power cut, not only a killed process.
+        db.execute(f"PRAGMA synchronous={synchronous}")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+@dataclass(slots=True)
+class _Held:
+    """A committed item not yet written: numbered and counted in memory."""
+
+    event: SortEvent
+    pending_id: int | None
+    counted: bool = True  # False once a reset zeroed the counts it was part of
 
 
 class Store:
     """Thread-safe; every write is one transaction with the configured durability."""
 
+    inspect = staticmethod(inspect)
+
     def __init__(self, state_dir: str | Path, *, synchronous: str = "FULL",
                  journal_keep: int = 100_000, outbox_max: int = 100_000,
-                 message: Callable[[SortEvent], OutboxMessage] | None = None) -> None:
+                 message: Callable[[SortEvent], OutboxMessage] | None = None,
+                 on_fault: Callable[[str, str], None] | None = None) -> None:
         self.path = Path(state_dir) / DB_NAME
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed item survives a power cut, not only a killed process.
-            self.db.execute(f"PRAGMA synchronous={synchronous}")
-            self.db.execute("PRAGMA busy_timeout=5000")
-            self.db.executescript(SCHEMA)
-        except (sqlite3.Error, OSError) as exc:
-            raise SmartbinError(f"{self.path}: cannot open the count database: {exc}; set "
-                                "bin.state_dir (or --state-dir) to a writable folder") from exc
         self.journal_keep = journal_keep
         self.outbox_max = outbox_max
         self.message = message
-        self._lock = threading.RLock()
+        # Called with (kind, detail) outside the store's lock; None: the store logs it.
+        self.on_fault = on_fault
         self.dropped_messages = 0
-        with self._tx() as c:
-            c.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            c.execute("INSERT OR IGNORE INTO meta VALUES ('seq', '0')")
-            for b in BINS:
-                c.execute("INSERT OR IGNORE INTO counts VALUES (?, 0)", (b,))
+        self.recovery: str | None = None  # what was done at open to a damaged database
+        self.sidecar = Sidecar(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._open_error(exc) from exc
+        self._lock = threading.RLock()
+        self._held: list[_Held] = []
+        self._held_counts = dict.fromkeys(BINS, 0)
+        self._held_ids: set[int] = set()
+        self._stale_pending: list[int] = []  # resolved at start, not yet deleted
+        self._faults: list[tuple[str, str]] = []  # reported once the lock is released
+        self._trouble: str | None = None  # set while writes fail (items held in memory)
+        self._reported: dict[str, float] = {}
+        self._retry: threading.Thread | None = None
+        self._closed = threading.Event()
+        side = self.sidecar.read()
+        self.db = self._open(synchronous, side)
+        meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        self._db_id = str(meta["db_id"])
+        self._seq = self._db_seq = self._last_seq(meta, side)
+        self._sidecar_due = 0
+        self._refresh_sidecar(now=True)
+        self._dispatch()
+
+    # ------------------------------------------------------------------ opening
+
+    def _open(self, synchronous: str, side: SidecarState | None) -> sqlite3.Connection:
+        """The checked database; a damaged or vanished one is moved aside and rebuilt."""
+        if has_content(self.path):
+            db, problem = self._open_existing(synchronous)
+            if db is not None:
+                if not (side is not None and side.counted and _blank(db)):
+                    return db
+                db.close()
+                problem = (f"holds no items but {self.sidecar.path.name} says the bin had "
+                           f"counted {side.total}")
+        elif side is not None and side.counted:
+            problem = (f"{'is empty' if self.path.exists() else 'is missing'} but "
+                       f"{self.sidecar.path.name} says the bin had counted {side.total} items")
+        else:
+            return self._create(synchronous, None, Salvage())
+        return self._rebuild(synchronous, problem, side)
+
+    def _open_existing(self, synchronous: str) -> tuple[sqlite3.Connection | None, str]:
+        """(the database, "") when it is sound, else (None, what is wrong with it)."""
+        try:
+            problem = header_problem(self.path)
+        except OSError as exc:
+            raise self._open_error(exc) from exc
+        if problem:
+            return None, f"is damaged ({problem})"
+        db: sqlite3.Connection | None = None
+        try:
+            db = connect(self.path, synchronous)
+            problem = check_database(db)
+            if not problem:
+                self._complete_schema(db)
+                return db, ""
+        except (sqlite3.Error, ValueError) as exc:
+            # ValueError: the sqlite3 module cannot decode a damaged schema's error text.
+            if not is_corruption(exc):
+                _close_quietly(db)
+                raise self._open_error(exc) from exc
+            problem = str(exc)[:300]
+        _close_quietly(db)
+        return None, f"is damaged ({problem})"
+
+    def _complete_schema(self, db: sqlite3.Connection) -> None:
+        """Add what a database lacks (tables, keys, bins); writes nothing when complete, so
+        a sound database opens even on a full disk."""
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        keys = {r[0] for r in db.execute("SELECT key FROM meta")} if "meta" in tables else set()
+        bins = {r[0] for r in db.execute("SELECT bin FROM counts")} if "counts" in tables \
+            else set()
+        if tables >= TABLES and {"schema", "seq", "db_id"} <= keys and set(BINS) <= bins:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('seq', '0')")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('db_id', ?)", (uuid.uuid4().hex,))
+            db.executemany("INSERT OR IGNORE INTO counts VALUES (?, 0)", [(b,) for b in BINS])
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _create(self, synchronous: str, rebuilt: Rebuilt | None,
+                old: Salvage) -> sqlite3.Connection:
+        """A new database: empty, or holding what was rebuilt from a damaged one."""
+        db: sqlite3.Connection | None = None
+        try:
+            db = connect(self.path, synchronous)
+            self._complete_schema(db)
+            if rebuilt is not None:
+                self._fill(db, rebuilt, old)
+        except sqlite3.Error as exc:
+            _close_quietly(db)
+            raise self._open_error(exc) from exc
+        return db
+
+    def _fill(self, db: sqlite3.Connection, rebuilt: Rebuilt, old: Salvage) -> None:
+        """Counts, seq and what could be read of the old file's rows, in one transaction."""
+        keep = old.journal[-self.journal_keep:] if self.journal_keep else old.journal
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("UPDATE counts SET n = ? WHERE bin = ?",
+                           [(n, b) for b, n in rebuilt.counts.items()])
+            db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (str(rebuilt.seq),))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('base', ?)",
+                       (format_base(rebuilt.seq, rebuilt.counts),))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('recovered', ?)",
+                       (f"{time.strftime('%Y-%m-%d %H:%M:%S')} from {rebuilt.source}",))
+            db.executemany(f"INSERT OR IGNORE INTO journal (seq, {EVENT_COLUMNS}) VALUES "
+                           f"(?, {EVENT_PLACEHOLDERS})", keep)
+            db.executemany(f"INSERT INTO pending ({EVENT_COLUMNS}) VALUES "
+                           f"({EVENT_PLACEHOLDERS})", old.pending)
+            db.executemany("INSERT INTO outbox (topic, payload, qos, created) VALUES "
+                           "(?, ?, ?, ?)", old.outbox[-self.outbox_max:])
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _rebuild(self, synchronous: str, problem: str,
+                 side: SidecarState | None) -> sqlite3.Connection:
+        aside = move_aside(self.path)
+        old = salvage(aside) if aside is not None and has_content(aside) else Salvage()
+        rebuilt = rebuild(old, side)
+        db = self._create(synchronous, rebuilt, old)
+        where = f"moved aside to {aside.name}" if aside else "nothing to move aside"
+        self.recovery = (f"{self.path} {problem}: {where}; counts rebuilt from "
+                         f"{rebuilt.source}: {rebuilt.total} items, next seq {rebuilt.seq + 1}")
+        if rebuilt.source.startswith("nothing"):
+            log.error("%s: the counts could not be rebuilt; they start again from zero",
+                      self.path)
+        self._report("store_recovered", self.recovery)
+        return db
+
+    def _last_seq(self, meta: dict[str, Any], side: SidecarState | None) -> int:
+        """The last seq given, never below one the sidecar or the journal has seen (a
+        database restored from a backup must not make a seq be used twice)."""
+        seq = parse_seq(meta.get("seq")) or 0
+        top = self.db.execute("SELECT MAX(seq) FROM journal").fetchone()[0]
+        seq = max(seq, top if isinstance(top, int) else 0)
+        if side is not None and side.seq > seq:
+            log.warning("%s is behind %s (seq %d < %d); seqs continue after %d",
+                        self.path, self.sidecar.path.name, seq, side.seq, side.reserved)
+            seq = side.reserved
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (str(seq),))
+        return seq
+
+    def _open_error(self, exc: BaseException) -> StoreError:
+        if is_disk_full(exc):
+            return StoreError(f"{self.path}: the disk is full, the count database cannot be "
+                              f"opened; free some space on it or set bin.state_dir (or "
+                              "--state-dir) to a folder on another disk")
+        return StoreError(f"{self.path}: cannot open the count database: {exc}; set "
+                          "bin.state_dir (or --state-dir) to a writable folder")
 
     # ------------------------------------------------------------------ transactions
 
-    class _Tx:
-        def __init__(self, store: Store) -> None:
-            self.store = store
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+            db.execute("COMMIT")
+        except BaseException:
+            # SQLite rolls back by itself on some errors (a full disk among them).
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            raise
+        return result
 
-        def __enter__(self) -> sqlite3.Connection:
-            self.store._lock.acquire()
-            self.store.db.execute("BEGIN IMMEDIATE")
-            return self.store.db
-
-        def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                     tb: TracebackType | None) -> None:
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T | None:
+        """Run `fn` in a transaction; on a full disk free space of our own and try again.
+        None when it cannot be written (the fault is reported)."""
+        freed = [0, 0]
+        full = False
+        while True:
             try:
-                self.store.db.execute("ROLLBACK" if exc_type else "COMMIT")
-            finally:
-                self.store._lock.release()
+                result = self._transaction(fn)
+            except sqlite3.Error as exc:
+                if is_disk_full(exc):
+                    full = True
+                    rows, messages = self._free_space()
+                    if rows or messages:
+                        freed[0] += rows
+                        freed[1] += messages
+                        continue
+                self._failed(exc, full, freed)
+                return None
+            if full:
+                self._fault("disk_full", f"{self.path}: the disk is full; deleted "
+                            f"{_freed(freed)} to keep counting")
+            if self._trouble:
+                self._back()
+            return result
 
-    def _tx(self) -> _Tx:
-        return Store._Tx(self)
+    def _free_space(self) -> tuple[int, int]:
+        """Delete what the store owns and can spare: journal rows beyond the floor first,
+        then the oldest unsent event messages. (journal rows, messages) deleted."""
+        def delete(c: sqlite3.Connection) -> tuple[int, int]:
+            rows = c.execute("DELETE FROM journal WHERE seq <= ?",
+                             (self._db_seq - JOURNAL_FLOOR,)).rowcount
+            if rows > 0:
+                return rows, 0
+            messages = c.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox "
+                                 "ORDER BY id LIMIT ?)", (OUTBOX_FREE_CHUNK,)).rowcount
+            return 0, max(messages, 0)
+
+        try:
+            rows, messages = self._transaction(delete)
+        except sqlite3.Error as exc:
+            log.debug("freeing space failed: %s", exc)
+            return 0, 0
+        with contextlib.suppress(sqlite3.Error):
+            # Empties the WAL file too, when the disk allows it: space on a real disk.
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if messages:
+            self.dropped_messages += messages
+            log.warning("disk full: dropped the %d oldest unsent event messages", messages)
+        return max(rows, 0), messages
+
+    def _failed(self, exc: sqlite3.Error, full: bool, freed: list[int]) -> None:
+        self._trouble = "disk_full" if full else "store_error"
+        if full:
+            gave = f"deleted {_freed(freed)}, still full" if any(freed) else \
+                "nothing more of its own to delete"
+            self._fault("disk_full", f"{self.path}: the disk is full ({gave}); counting in "
+                        f"memory ({len(self._held)} items held) until space is back",
+                        key="disk_full held")
+        else:
+            self._fault("store_error", f"{self.path}: {exc}; counting in memory "
+                        f"({len(self._held)} items held) until it can be written again")
+
+    def _fault(self, kind: str, detail: str, *, key: str | None = None) -> None:
+        """Report, unless the same situation (`key`) was reported within FAULT_REPEAT_S."""
+        now = time.monotonic()
+        last = self._reported.get(key or kind)
+        if last is not None and now - last < FAULT_REPEAT_S:
+            log.debug("%s again: %s", kind, detail)
+            return
+        self._reported[key or kind] = now
+        self._report(kind, detail)
+
+    def _back(self) -> None:
+        log.warning("%s can be written again (after %s)", self.path, self._trouble)
+        self._trouble = None
+
+    def _report(self, kind: str, detail: str) -> None:
+        self._faults.append((kind, detail))
+
+    def _dispatch(self) -> None:
+        """Hand reported faults on, outside the lock: the listener publishes on MQTT, and
+        paho calls the store back (acked) holding its own lock."""
+        if not self._faults:
+            return
+        with self._lock:
+            faults, self._faults = self._faults, []
+        for kind, detail in faults:
+            if self.on_fault is not None:
+                self.on_fault(kind, detail)
+            else:
+                log.warning("store fault %s: %s", kind, detail)
 
     # ------------------------------------------------------------------ the cycle
 
     def begin(self, event: SortEvent) -> Pending:
-        """Note the decided item as pending, before the flap moves."""
+        """Note the decided item as pending, before the flap moves. On a full disk the
+        item is not noted (id None) and is counted in memory when committed."""
         row = asdict(event)
-        with self._tx() as c:
-            cur = c.execute(f"INSERT INTO pending ({', '.join(EVENT_FIELDS)}) VALUES "
-                            f"({', '.join('?' * len(EVENT_FIELDS))})",
-                            [row[k] for k in EVENT_FIELDS])
-        return Pending(event, cur.lastrowid)
+        values = [row[k] for k in EVENT_FIELDS]
+        with self._lock:
+            pending_id = self._write(lambda c: c.execute(
+                f"INSERT INTO pending ({EVENT_COLUMNS}) VALUES ({EVENT_PLACEHOLDERS})",
+                values).lastrowid)
+        self._dispatch()
+        return Pending(event, pending_id)
 
     def commit(self, pending: Pending) -> SortEvent:
         """Count the item, journal it with the next sequence number and queue its message:
         one transaction. Numbers are given here, so a pending item that turns out not to
         have been sorted leaves no gap."""
-        with self._tx() as c:
-            self._commit(c, pending.event, pending.id)
+        with self._lock:
+            if pending.id is None or self._still_pending(pending.id):
+                self._count(pending.event, pending.id)
+        self._dispatch()
         return pending.event
 
     def record(self, event: SortEvent) -> SortEvent:
         """Count an item that was never pending (it slid through unsorted)."""
-        with self._tx() as c:
-            self._commit(c, event, None)
+        with self._lock:
+            self._count(event, None)
+        self._dispatch()
         return event
 
-    def _commit(self, c: sqlite3.Connection, event: SortEvent, pending_id: int | None) -> None:
+    def _still_pending(self, pending_id: int) -> bool:
+        """False once the item was committed (or resolved at start): counting it again
+        would double count."""
+        if pending_id in self._held_ids:
+            return False
+        try:
+            return self.db.execute("SELECT 1 FROM pending WHERE id=?",
+                                   (pending_id,)).fetchone() is not None
+        except sqlite3.Error:
+            return True  # unreadable: counting it is better than losing it
+
+    def _count(self, event: SortEvent, pending_id: int | None) -> None:
+        """Number and count the item in memory, then write everything held, in order."""
+        self._seq += 1
+        event.seq = self._seq
+        self._held.append(_Held(event, pending_id))
+        self._held_counts[event.bin] = self._held_counts.get(event.bin, 0) + 1
         if pending_id is not None:
-            gone = c.execute("DELETE FROM pending WHERE id=?", (pending_id,))
-            if gone.rowcount != 1:
-                return  # already resolved (recovered): counting it again would double count
-        seq = int(c.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0]) + 1
-        c.execute("UPDATE meta SET value=? WHERE key='seq'", (str(seq),))
-        event.seq = seq
-        row = asdict(event)
-        c.execute(f"INSERT INTO journal (seq, {', '.join(EVENT_FIELDS)}) VALUES "
-                  f"(?, {', '.join('?' * len(EVENT_FIELDS))})",
-                  (seq, *[row[k] for k in EVENT_FIELDS]))
-        c.execute("UPDATE counts SET n = n + 1 WHERE bin=?", (event.bin,))
-        if self.message is not None:
-            m = self.message(event)
-            self._queue(c, m.topic, m.payload, m.qos)
-        if self.journal_keep:
-            c.execute("DELETE FROM journal WHERE seq <= ?", (seq - self.journal_keep,))
+            self._held_ids.add(pending_id)
+        if not self._flush():
+            self._start_retry()
+
+    def _flush(self) -> bool:
+        """Write the items held in memory, oldest first; False while they cannot be."""
+        backlog = len(self._held)
+        while self._held or self._stale_pending:
+            chunk = self._held[:FLUSH_CHUNK]
+            if self._write(partial(self._write_items, chunk)) is None:
+                return False
+            self._written(chunk)
+        if backlog > 1:
+            log.warning("%s: wrote the %d items counted in memory (last seq %d)", self.path,
+                        backlog, self._db_seq)
+        if self._db_seq >= self._sidecar_due:
+            self._refresh_sidecar()
+        return True
+
+    def _write_items(self, chunk: list[_Held], c: sqlite3.Connection) -> bool:
+        for pending_id in self._stale_pending:
+            c.execute("DELETE FROM pending WHERE id=?", (pending_id,))
+        added: dict[str, int] = {}
+        for held in chunk:
+            event = held.event
+            if held.pending_id is not None:
+                c.execute("DELETE FROM pending WHERE id=?", (held.pending_id,))
+            row = asdict(event)
+            c.execute(f"INSERT INTO journal (seq, {EVENT_COLUMNS}) VALUES "
+                      f"(?, {EVENT_PLACEHOLDERS})", (event.seq, *[row[k] for k in EVENT_FIELDS]))
+            if held.counted:
+                added[event.bin] = added.get(event.bin, 0) + 1
+            if self.message is not None:
+                m = self.message(event)
+                self._queue(c, m.topic, m.payload, m.qos)
+        for bin_name, n in added.items():
+            c.execute("UPDATE counts SET n = n + ? WHERE bin=?", (n, bin_name))
+        if chunk:
+            seq = chunk[-1].event.seq
+            c.execute("UPDATE meta SET value=? WHERE key='seq'", (str(seq),))
+            if self.journal_keep:
+                c.execute("DELETE FROM journal WHERE seq <= ?", (seq - self.journal_keep,))
+        return True
+
+    def _written(self, chunk: list[_Held]) -> None:
+        del self._held[:len(chunk)]
+        self._stale_pending.clear()
+        for held in chunk:
+            if held.counted:
+                self._held_counts[held.event.bin] -= 1
+            if held.pending_id is not None:
+                self._held_ids.discard(held.pending_id)
+        if chunk:
+            self._db_seq = chunk[-1].event.seq
 
     def _queue(self, c: sqlite3.Connection, topic: str, payload: str, qos: int) -> None:
         c.execute("INSERT INTO outbox (topic, payload, qos, created) VALUES (?, ?, ?, ?)",
@@ -163,9 +542,29 @@ class Store:
             log.warning("outbox full (%d): dropped the %d oldest messages", self.outbox_max,
                         excess)
 
+    def _start_retry(self) -> None:
+        """Held items are written within HELD_RETRY_S of space coming back, even when no
+        further item comes to trigger it."""
+        if self._retry is None and not self._closed.is_set():
+            self._retry = threading.Thread(target=self._retry_held, name="store-retry",
+                                           daemon=True)
+            self._retry.start()
+
+    def _retry_held(self) -> None:
+        while not self._closed.wait(HELD_RETRY_S):
+            with self._lock:
+                if self._closed.is_set():
+                    return
+                done = self._flush()
+                if done:
+                    self._retry = None
+            self._dispatch()
+            if done:
+                return
+
     def pending(self) -> list[Pending]:
         with self._lock:
-            rows = self.db.execute(f"SELECT id, {', '.join(EVENT_FIELDS)} FROM pending "
+            rows = self.db.execute(f"SELECT id, {EVENT_COLUMNS} FROM pending "
                                    "ORDER BY id").fetchall()
         return [Pending(SortEvent(**dict(zip(EVENT_FIELDS, r[1:], strict=True))), r[0])
                 for r in rows]
@@ -174,36 +573,49 @@ class Store:
         """Resolve items that were mid-cycle when the service died (see module doc)."""
         resolved = []
         for pending in self.pending():
-            with self._tx() as c:
-                if item_still_present:
-                    c.execute("DELETE FROM pending WHERE id=?", (pending.id,))
-                    log.info("an item decided before the restart is still on the flap; it "
-                             "will be sorted again")
-                else:
-                    self._commit(c, pending.event, pending.id)
-                    log.info("item #%d was sorted before the restart; counted now",
-                             pending.event.seq)
-                    resolved.append(pending.event)
+            if item_still_present:
+                with self._lock:
+                    if self._write(partial(_delete_pending, pending.id)) is None \
+                            and pending.id is not None:
+                        self._stale_pending.append(pending.id)  # deleted with the next write
+                log.info("an item decided before the restart is still on the flap; it "
+                         "will be sorted again")
+            else:
+                self.commit(pending)
+                log.info("item #%d was sorted before the restart; counted now",
+                         pending.event.seq)
+                resolved.append(pending.event)
+        self._dispatch()
         return resolved
 
     # ------------------------------------------------------------------ reading
 
+    @property
+    def held(self) -> int:
+        """Items counted in memory, waiting for the database to take writes again."""
+        with self._lock:
+            return len(self._held)
+
     def counts(self) -> dict[str, int]:
+        """The counts, with the items held in memory."""
         with self._lock:
             rows = dict(self.db.execute("SELECT bin, n FROM counts").fetchall())
-        return {b: int(rows.get(b, 0)) for b in BINS}
+            return {b: int(rows.get(b, 0)) + self._held_counts[b] for b in BINS}
 
     def last_seq(self) -> int:
         with self._lock:
-            return int(self.db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()[0])
+            return self._seq
 
     def journal(self, limit: int = 100) -> list[SortEvent]:
+        """The latest items, oldest first (those held in memory last)."""
         with self._lock:
-            rows = self.db.execute(f"SELECT seq, {', '.join(EVENT_FIELDS)} FROM journal "
+            rows = self.db.execute(f"SELECT seq, {EVENT_COLUMNS} FROM journal "
                                    "ORDER BY seq DESC LIMIT ?",
                                    (limit,)).fetchall()
-        return [SortEvent(**dict(zip(EVENT_FIELDS, r[1:], strict=True)), seq=r[0])
-                for r in reversed(rows)]
+            held = [h.event for h in self._held[-limit:]] if limit > 0 else []
+        events = [SortEvent(**dict(zip(EVENT_FIELDS, r[1:], strict=True)), seq=r[0])
+                  for r in reversed(rows)]
+        return (events + held)[-limit:] if limit > 0 else []
 
     def last_event(self) -> SortEvent | None:
         events = self.journal(1)
@@ -220,18 +632,96 @@ class Store:
 
     def acked(self, message_id: int) -> None:
         with self._lock:
-            self.db.execute("DELETE FROM outbox WHERE id=?", (message_id,))
+            try:
+                self.db.execute("DELETE FROM outbox WHERE id=?", (message_id,))
+            except sqlite3.Error as exc:
+                # The row stays and is sent again after a reconnect: at least once.
+                log.debug("outbox message %d not deleted: %s", message_id, exc)
 
     def reset_counts(self) -> dict[str, int]:
-        with self._tx() as c:
-            before = dict(c.execute("SELECT bin, n FROM counts").fetchall())
-            c.execute("UPDATE counts SET n = 0")
+        """Zero the counts (the bins were emptied), items held in memory included."""
+        with self._lock:
+            before = self.counts()
+            zero = dict.fromkeys(BINS, 0)
+            base = format_base(self._seq, zero)
+
+            def reset(c: sqlite3.Connection) -> bool:
+                c.execute("UPDATE counts SET n = 0")
+                # The journal after this seq rebuilds the counts if the file is damaged.
+                c.execute("INSERT OR REPLACE INTO meta VALUES ('base', ?)", (base,))
+                return True
+
+            if self._write(reset) is None:
+                raise StoreError(f"{self.path}: the counts cannot be reset now: the database "
+                                 f"cannot be written ({self._trouble}); try again later")
+            for held in self._held:
+                held.counted = False
+            self._held_counts = zero
+            self._refresh_sidecar(now=True)
+        self._dispatch()
         return before
 
     def close(self) -> None:
+        self._closed.set()
+        retry = self._retry
+        if retry is not None:
+            retry.join(timeout=5)
         with self._lock:
+            with contextlib.suppress(sqlite3.Error):
+                self._flush()
+            if self._held:
+                lost = {b: n for b, n in self._held_counts.items() if n}
+                log.error("%s: %d items counted in memory could not be written (%s); their "
+                          "counts are lost: %s", self.path, len(self._held), self._trouble,
+                          lost)
+            self._refresh_sidecar(final=True)
             self.db.close()
+        self._dispatch()
 
     def snapshot(self) -> dict[str, Any]:
         counts = self.counts()
         return {**counts, "total": sum(counts.values())}
+
+    # ------------------------------------------------------------------ the sidecar
+
+    def _refresh_sidecar(self, *, now: bool = False, final: bool = False) -> None:
+        """Write the database's id, last seq and counts next to it (see store_recovery):
+        in the background on the way, at once on open, reset and close."""
+        try:
+            rows = dict(self.db.execute("SELECT bin, n FROM counts").fetchall())
+        except sqlite3.Error:
+            return
+        # Twice the refresh interval ahead: the next refresh is on disk well before the
+        # seqs this one reserves run out.
+        ahead = 0 if final else 2 * SIDECAR_EVERY
+        state = SidecarState(self._db_id, self._db_seq, max(self._seq, self._db_seq) + ahead,
+                             {b: int(rows.get(b, 0)) for b in BINS}, time.time())
+        self._sidecar_due = self._db_seq + SIDECAR_EVERY
+        if now or final:
+            self.sidecar.flush()
+            self.sidecar.write(state)
+        else:
+            self.sidecar.write_later(state)
+
+
+def _delete_pending(pending_id: int | None, c: sqlite3.Connection) -> bool:
+    c.execute("DELETE FROM pending WHERE id=?", (pending_id,))
+    return True
+
+
+def _blank(db: sqlite3.Connection) -> bool:
+    """A database that never counted anything (new, or made again after a loss)."""
+    seq = db.execute("SELECT value FROM meta WHERE key='seq'").fetchone()
+    total = db.execute("SELECT COALESCE(SUM(n), 0) FROM counts").fetchone()[0]
+    return (seq is None or parse_seq(seq[0]) == 0) and total == 0
+
+
+def _freed(freed: list[int]) -> str:
+    return (f"{freed[0]} old journal rows and {freed[1]} oldest unsent event messages"
+            if freed[1] else f"{freed[0]} old journal rows")
+
+
+def _close_quietly(db: sqlite3.Connection | None) -> None:
+    if db is not None:
+        with contextlib.suppress(sqlite3.Error):
+            db.close()

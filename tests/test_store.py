@@ -147,3 +147,20 @@ def test_killed_mid_run_loses_nothing_and_counts_nothing_twice(tmp_path):
     finally:
         listener.close()
         broker.stop()
+
+
+def test_sidecar_follows_the_database(tmp_path):
+    """smartbin.db.id: the database's id, last seq and counts, for rebuilding a lost file."""
+    s = Store(tmp_path)
+    side = json.loads((tmp_path / "smartbin.db.id").read_text())
+    assert side["seq"] == 0 and side["reserved"] > 0  # seqs reserved ahead while running
+    for _ in range(3):
+        s.record(event("kitchen"))
+    s.close()
+    side = json.loads((tmp_path / "smartbin.db.id").read_text())
+    db = sqlite3.connect(tmp_path / "smartbin.db")
+    db_id = db.execute("SELECT value FROM meta WHERE key='db_id'").fetchone()[0]
+    db.close()
+    assert side["db_id"] == db_id
+    assert side["seq"] == side["reserved"] == 3 and side["counts"]["kitchen"] == 3
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically: no leftovers
