@@ -147,7 +147,8 @@ class SpyRecorder(MemoryRecorder):
 class Rig:
     def __init__(self, *answers: Prediction | Exception, camera_failures: int = 0,
                  with_gate: bool = False, **config: dict) -> None:
-        base = {"sensor": {"settle_s": 0.0, "jam_s": 0.1}, "loop": {"cooldown_s": 0.0}}
+        base = {"sensor": {"settle_s": 0.0, "jam_s": 0.1}, "loop": {"cooldown_s": 0.0},
+                "flap": {"move_s": 0.0, "hold_s": 0.0}}
         for section, values in config.items():
             base[section] = {**base.get(section, {}), **values}
         self.cfg = config_from_dict(base)
