@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -391,7 +392,7 @@ def test_well_formed_commands_reach_the_loop(bin_):
 @pytest.mark.parametrize(("name", "payload", "message"), [
     ("explode", b"{}", "unknown command 'explode'; commands: pause, resume"),
     ("pause", b"{not json", "payload is not JSON"),
-    ("pause", b"\xff\xfe", "payload is not JSON"),
+    ("pause", b"\xff\xfe", "payload is not UTF-8 text (byte 0"),
     ("pause", b'["x"]', "payload must be a JSON object"),
     ("sort_next", b'"other"', "payload must be a JSON object"),
     ("pause", b"3", "payload must be a JSON object"),
@@ -407,9 +408,27 @@ def test_well_formed_commands_reach_the_loop(bin_):
     ("calibrate", b'{"angle": true}', "angle must be a number"),
     ("calibrate", b'{"angle": "30"}', "angle must be a number"),
     ("calibrate", b'{"angle": 500}', "angle must be within"),
-    ("calibrate", b'{"angle": NaN}', "angle must be within"),
-    ("reload_model", b'{"bundle": ""}', "bundle must be a bundle name or folder"),
-    ("reload_model", b'{"bundle": 3}', "bundle must be a bundle name or folder"),
+    ("calibrate", b'{"angle": NaN}', "payload has NaN, which is not a JSON number"),
+    ("calibrate", b'{"angle": -Infinity}', "payload has -Infinity, which is not a JSON number"),
+    ("calibrate", b'{"angle": 1e999}', "payload has the number 1e999, too large for a float"),
+    ("calibrate", b'{"angle": ' + b"9" * 5000 + b"}",
+     "payload has a number of 5000 characters; the limit is 100"),
+    ("sort_next", b"[" * 100_000 + b"]" * 100_000, "payload is 200000 bytes; the limit is 65536"),
+    ("sort_next", b"[" * 30_000 + b"]" * 30_000,
+     "payload nests JSON more than 32 levels deep (the limit)"),
+    ("sort_next", b'{"bin": "other", "id": ' + b"[" * 40 + b"]" * 40 + b"}",
+     "payload nests JSON more than 32 levels deep"),
+    ("pause", b" " * 70_000, "payload is 70000 bytes; the limit is 65536 bytes"),
+    ("reload_model", b'{"bundle": ""}', "bundle must be a bundle name (a folder in the models"),
+    ("reload_model", b'{"bundle": 3}', "bundle must be a bundle name"),
+    ("reload_model", b'{"bundle": "../demo"}', "bundle '../demo' is not a bundle name: give"),
+    ("reload_model", b'{"bundle": "/tmp/evil"}', "not a bundle name"),
+    ("reload_model", b'{"bundle": "a\\\\b"}', "not a bundle name"),
+    ("reload_model", b'{"bundle": "demo\\u0000"}', "not a bundle name"),
+    ("reload_model", b'{"bundle": ".hidden"}', "not a bundle name"),
+    ("reload_model", b'{"bundle": "a..b"}', "not a bundle name"),
+    ("reload_model", b'{"bundle": "' + b"x" * 300 + b'"}',
+     "bundle name is 300 characters; the limit is 100"),
     ("reload_model", b'{"model": "demo"}', "unexpected field(s) model; allowed: bundle"),
 ])
 def test_bad_commands_are_refused_and_change_nothing(bin_, name, payload, message):
@@ -417,6 +436,7 @@ def test_bad_commands_are_refused_and_change_nothing(bin_, name, payload, messag
     assert reply["ok"] is False and reply["command"] == name
     assert message in str(reply["error"]), reply
     assert bin_.loop.calls == [] and bin_.counts.resets == 0 and bin_.changed == []
+    assert bin_.asked == []  # no bundle was even looked up
 
 
 def test_the_request_id_is_echoed_on_success_and_on_error(bin_):
@@ -507,6 +527,164 @@ def test_the_command_thread_survives_a_failing_handler():
         c.stop()
     assert [(n, r["ok"]) for n, r in replies] == [("boom", False), ("ok", True), ("ok", False)]
     assert replies[1][1]["seen"] == {"n": 1}
+
+
+class Replies:
+    """A reply sink that tests can wait on."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, dict]] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, name: str, reply: dict) -> None:
+        with self.cond:
+            self.got.append((name, reply))
+            self.cond.notify_all()
+
+    def wait_for(self, predicate, timeout: float = 10.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: predicate(self.got), timeout=timeout)
+
+    def named(self, name: str) -> list[dict]:
+        with self.cond:
+            return [r for n, r in self.got if n == name]
+
+
+def blocking_handlers(gate: threading.Event, started: threading.Event | None = None):
+    def slow(args):
+        if started is not None:
+            started.set()
+        gate.wait(10)
+        return {"done": True}
+
+    return {"slow": slow, "pause": lambda args: {"paused": True},
+            "resume": lambda args: {"paused": False}, "quick": lambda args: {"n": args.get("n")}}
+
+
+def test_a_full_queue_refuses_the_newest_command_at_once():
+    gate, started, replies = threading.Event(), threading.Event(), Replies()
+    c = Commands(blocking_handlers(gate, started), reply=replies, max_queued=3)
+    c.start()
+    try:
+        c.submit("slow", b"{}")
+        assert started.wait(5)  # running, so no longer queued
+        for n in range(5):
+            c.submit("quick", f'{{"n": {n}, "id": {n}}}'.encode())
+        refused = replies.named("quick")  # sent before anything waiting has run
+        assert [r["id"] for r in refused] == [3, 4]
+        assert refused[0] == {"ok": False, "error": "queue full: 3 commands are waiting; "
+                              "try again later", "command": "quick", "id": 3}
+        gate.set()
+        assert replies.wait_for(lambda got: len(got) == 6)
+        assert [r.get("n") for r in replies.named("quick")[2:]] == [0, 1, 2]  # in order
+    finally:
+        gate.set()
+        c.stop()
+
+
+def test_pause_and_resume_overtake_slow_commands():
+    gate, started, replies = threading.Event(), threading.Event(), Replies()
+    c = Commands(blocking_handlers(gate, started), reply=replies)
+    c.start()
+    try:
+        c.submit("slow", b"{}")
+        assert started.wait(5)
+        for _ in range(50):
+            c.submit("quick", b"{}")
+        c.submit("pause", b'{"id": "p"}')
+        c.submit("resume", b"{}")
+        assert replies.wait_for(lambda got: len(got) == 2, timeout=5)
+        # Answered while the slow command still holds its lane: in order among themselves.
+        assert [n for n, _ in replies.got] == ["pause", "resume"]
+        assert replies.got[0][1] == {"ok": True, "paused": True, "command": "pause", "id": "p"}
+    finally:
+        gate.set()
+        c.stop()
+
+
+def test_a_command_over_its_time_limit_gets_a_busy_reply_and_the_lane_goes_on(caplog):
+    gate, replies = threading.Event(), Replies()
+    c = Commands(blocking_handlers(gate), reply=replies, time_limit_s=0.2)
+    c.start()
+    try:
+        with caplog.at_level(logging.WARNING):
+            c.submit("slow", b'{"id": 1}')
+            c.submit("quick", b'{"id": 2}')  # while "slow" still runs: busy, not stuck
+            assert replies.wait_for(lambda got: len(got) == 2)
+        slow, quick = (r for _, r in replies.got)
+        assert slow == {"ok": False, "error": "slow did not finish within 0.2 s; it may still "
+                        "complete (see the bin's log)", "command": "slow", "id": 1}
+        assert quick["ok"] is False and quick["id"] == 2
+        assert quick["error"].startswith("busy: slow has been running for ")
+        gate.set()  # the overrunning handler ends: its outcome is logged, the lane is free
+        assert _wait(lambda: any("finished" in r.getMessage() for r in caplog.records))
+        c.submit("quick", b'{"n": 5}')
+        assert replies.wait_for(lambda got: len(got) == 3)
+        assert replies.got[2][1] == {"ok": True, "n": 5, "command": "quick"}
+    finally:
+        gate.set()
+        c.stop()
+
+
+def test_the_time_limit_is_per_command():
+    c = Commands({}, time_limit_s=2.0, time_limits_s={"reload_model": 90.0})
+    assert c.time_limit("reload_model") == 90.0 and c.time_limit("pause") == 2.0
+
+
+def _wait(predicate, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_nothing_ends_the_command_threads(caplog):
+    """Even a handler that raises SystemExit, or a reply sink that fails, is one log line
+    with its traceback; the next command is still answered."""
+    replies = Replies()
+    failing_once = [True]
+
+    def sink(name, reply):
+        if name == "sink_fails" and failing_once:
+            failing_once.clear()
+            raise OSError("connection lost")
+        replies(name, reply)
+
+    def exits(args):
+        raise SystemExit(3)
+
+    def recurses(args):
+        return recurses(args)
+
+    c = Commands({"exits": exits, "recurses": recurses, "sink_fails": lambda a: {},
+                  "ok": lambda a: {}, "pause": lambda a: {}}, reply=sink)
+    c.start()
+    try:
+        with caplog.at_level(logging.ERROR):
+            for name in ("exits", "recurses", "sink_fails", "ok", "pause"):
+                c.submit(name, b"{}")
+            assert replies.wait_for(lambda got: len(got) == 4), replies.got
+    finally:
+        c.stop()
+    by_name = {n: r for n, r in replies.got}
+    assert by_name["exits"]["ok"] is False and "SystemExit" in by_name["exits"]["error"]
+    assert "RecursionError" in by_name["recurses"]["error"]
+    assert by_name["ok"]["ok"] and by_name["pause"]["ok"]
+    assert "sink_fails" not in by_name  # its reply could not be sent: logged instead
+    logged = [r for r in caplog.records if r.exc_info]
+    assert {r.exc_info[0] for r in logged} >= {SystemExit, RecursionError, OSError}
+
+
+def test_error_texts_are_whole(bin_):
+    """Quotes inside an error survive into the reply and its JSON (they were once cut)."""
+    reply = bin_.commands.handle("reset_counts", b'{"confirm": "yes"}')
+    assert reply["error"] == 'confirm must be "reset_counts"'
+    assert json.loads(to_json(reply))["error"] == 'confirm must be "reset_counts"'
+    reply = bin_.commands.handle("reload_model", b'{"bundle": "it\'s/\\"x\\""}')
+    assert reply["error"] == ("bundle 'it\\'s/\"x\"' is not a bundle name: give the name of a "
+                              "folder in the models folder or of a shipped bundle, not a path")
 
 
 def test_parse_args():
