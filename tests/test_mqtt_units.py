@@ -10,20 +10,24 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from bin_controller import __version__
 from bin_controller.bins import BINS
 from bin_controller.config import config_from_dict
 from bin_controller.domain import Fault, SortEvent, State
-from bin_controller.errors import BundleError, BusyError, CommandError
+from bin_controller.errors import BundleError, BusyError, CommandError, ConfigError
 from bin_controller.mqtt.commands import Commands, make_handlers, parse_args
-from bin_controller.mqtt.connection import Connection
+from bin_controller.mqtt.connection import Connection, parse_host
 from bin_controller.mqtt.discovery import discovery_payloads, node_id, status_topic
 from bin_controller.mqtt.outbox import OutboxPublisher
+from bin_controller.mqtt.owner import OwnerClaim
 from bin_controller.payloads import (
     bin_count_payloads,
     counts_payload,
@@ -359,16 +363,20 @@ class FakeCounts:
 
 
 @pytest.fixture
-def bin_():
+def bin_(tmp_path):
     loop, counts, changed = FakeLoop(), FakeCounts(), []
-    cfg = config_from_dict({})
+    models = tmp_path / "models"
+    for name in ("broken", "trashnet"):  # trashnet is shipped too: the models folder wins
+        (models / name).mkdir(parents=True)
+        (models / name / "manifest.json").write_text("{}")
+    cfg = config_from_dict({"model": {"dir": str(models)}})
     asked = []
 
     def load_classifier(bundle):
         asked.append(bundle)
-        if bundle == "broken":
+        if Path(bundle).name == "broken":
             raise BundleError("model/broken/manifest.json: has no trained weights yet")
-        return SimpleNamespace(bundle=SimpleNamespace(name=bundle, version="2"))
+        return SimpleNamespace(bundle=SimpleNamespace(name=Path(bundle).name, version="2"))
 
     handlers = make_handlers(cfg, loop, counts, lambda: changed.append(1),
                              load_classifier=load_classifier)
@@ -480,7 +488,28 @@ def test_reload_model_swaps_only_a_model_that_loaded(bin_):
     assert reply == {"ok": True, "model": "trashnet", "version": "2", "previous": "demo 1",
                      "command": "reload_model"}
     assert bin_.commands.handle("reload_model", b"")["model"] == bin_.cfg.model.bundle
-    assert bin_.asked == ["broken", "trashnet", bin_.cfg.model.bundle]
+    models = Path(bin_.cfg.model.dir)
+    assert bin_.asked == [str(models / "broken"), str(models / "trashnet"),
+                          bin_.cfg.model.bundle]
+
+
+def test_reload_model_looks_in_the_models_folder_then_the_shipped_bundles_only(
+        bin_, tmp_path, monkeypatch):
+    from bin_controller.vision.bundle import SHIPPED_MODELS
+
+    assert bin_.commands.handle("reload_model", b'{"bundle": "garbage120"}')["ok"]
+    assert bin_.asked == [str(SHIPPED_MODELS / "garbage120")]
+    # A bundle folder in the working directory is not a bundle name's business.
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "manifest.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    reply = bin_.commands.handle("reload_model", b'{"bundle": "stray"}')
+    shipped = sorted(d.name for d in SHIPPED_MODELS.iterdir() if (d / "manifest.json").is_file())
+    assert "demo" in shipped and "stray" not in shipped
+    assert reply["error"] == (
+        f"no bundle named 'stray' in the models folder {bin_.cfg.model.dir} nor among the "
+        f"shipped bundles ({', '.join(shipped)})")
+    assert len(bin_.asked) == 1
 
 
 def boom(args):
@@ -711,3 +740,163 @@ def test_messages_are_routed_by_topic_filter():
         conn._on_message(conn.client, None, msg)
     assert got == [("cmd", "smartbin/t/cmd/pause", b"{}"),
                    ("ha", "homeassistant/status", b"online")]
+
+
+def test_a_failing_hook_never_reaches_paho(caplog):
+    """paho ends its network thread when a callback raises: hooks are logged instead."""
+    conn = Connection(config_from_dict({}).mqtt, client_id="unit")
+    got = []
+
+    def broken(topic, payload):
+        raise ValueError("bad handler")
+
+    conn.on_message("a/#", broken)
+    conn.on_message("a/#", lambda t, p: got.append(t))
+    conn.on_publish(lambda mid: 1 / 0)
+    msg = mqtt.MQTTMessage(topic=b"a/b")
+    with caplog.at_level(logging.ERROR):
+        conn._on_message(conn.client, None, msg)
+        conn._on_publish(conn.client, None, 1, None, None)
+    assert got == ["a/b"]
+    assert {r.exc_info[0] for r in caplog.records if r.exc_info} == {ValueError,
+                                                                      ZeroDivisionError}
+
+
+@pytest.mark.parametrize(("text", "result"), [
+    ("broker", ("broker", None)), ("broker:1884", ("broker", 1884)),
+    ("10.0.0.2:8883", ("10.0.0.2", 8883)), ("::1", ("::1", None)),
+    ("fe80::1%eth0", ("fe80::1%eth0", None)), ("[::1]", ("::1", None)),
+    ("[2001:db8::1]:1883", ("2001:db8::1", 1883)),
+])
+def test_parse_host(text, result):
+    assert parse_host(text) == result
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (":1883", "--mqtt ':1883': the host is empty"),
+    ("", "--mqtt '': the host is empty"),
+    ("[]:1883", "the host is empty"),
+    ("broker:abc", "--mqtt 'broker:abc': the port must be a number from 1 to 65535"),
+    ("broker:", "the port must be a number"),
+    ("broker:0", "the port must be a number"),
+    ("broker:65536", "the port must be a number"),
+    ("broker:" + "1" * 5000, "the port must be a number"),
+    ("broker:١٨٨٣", "the port must be a number"),
+    ("[::1", "unclosed or misplaced ']'"),
+    ("[::1]1883", "unclosed or misplaced ']'"),
+    ("[::1]:", "the port must be a number"),
+    ("mqtt://broker:1883", "a host, not a URL"),
+    ("my broker", "'my broker' is not a host name or address"),
+    ("bro\x00ker", "is not a host name or address"),
+])
+def test_parse_host_mistakes_are_one_line(text, message):
+    with pytest.raises(ConfigError) as err:
+        parse_host(text)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert "give HOST or HOST:PORT" in str(err.value) or "port must be" in str(err.value)
+
+
+def test_an_empty_host_is_an_error_not_a_paho_traceback():
+    conn = Connection(config_from_dict({}).mqtt, client_id="unit")
+    conn.cfg = dataclasses.replace(conn.cfg, host="")
+    with pytest.raises(ConfigError, match=r"mqtt\.host is empty"):
+        conn.start()
+
+
+def test_an_outage_is_one_warning_and_its_end_another(caplog):
+    conn = Connection(config_from_dict({}).mqtt, client_id="smartbin-t1")
+    conn._down_since = time.monotonic() - 12
+    with caplog.at_level(logging.DEBUG, logger="bin_controller.mqtt.connection"):
+        for _ in range(3):
+            try:
+                raise ConnectionRefusedError(111, "Connection refused")
+            except OSError:  # as paho calls it: inside its except block
+                conn._on_connect_fail(conn.client, None)
+        conn._on_connect(conn.client, None, None, ReasonCode(PacketTypes.CONNACK, "Success"),
+                         None)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "MQTT broker localhost:1883 unreachable (Connection refused); retrying every 30 s "
+        "at most, events wait in the outbox",
+        "MQTT connected to localhost:1883 after 12 s"]
+
+
+def test_repeated_drops_hint_at_a_shared_client_id(caplog):
+    conn = Connection(config_from_dict({}).mqtt, client_id="smartbin-t1")
+    success = ReasonCode(PacketTypes.CONNACK, "Success")
+    lost = ReasonCode(PacketTypes.DISCONNECT, "Unspecified error")
+    with caplog.at_level(logging.WARNING, logger="bin_controller.mqtt.connection"):
+        for _ in range(6):
+            conn._on_connect(conn.client, None, None, success, None)
+            conn._on_disconnect(conn.client, None, None, lost, None)
+    drops = [r.getMessage() for r in caplog.records if "disconnected" in r.getMessage()]
+    assert len(drops) == 3  # then only at debug level
+    assert "client id smartbin-t1" not in drops[0]
+    assert "dropped 2 times within a minute: if another client uses the client id " \
+           "smartbin-t1 (a bin with the same bin.id)" in drops[1]
+
+
+# ---------------------------------------------------------------------- owner claim
+
+
+class FakeConn:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, int, bool]] = []
+
+    def publish(self, topic, payload, *, qos=0, retain=False):
+        self.sent.append((topic, payload, qos, retain))
+
+
+def claim(token: str, host: str = "pi-2", pid: int = 77) -> bytes:
+    return json.dumps({"token": token, "host": host, "pid": pid, "since": 1.0}).encode()
+
+
+@pytest.fixture
+def owner():
+    faults: list[Fault] = []
+    conn = FakeConn()
+    o = OwnerClaim(conn, "smartbin/t1", "t1", on_duplicate=faults.append, token="me")
+    return SimpleNamespace(claim=o, conn=conn, faults=faults)
+
+
+def test_the_claim_is_published_retained_on_every_connect(owner):
+    owner.claim.on_connect()
+    owner.claim.on_connect()
+    assert len(owner.conn.sent) == 2
+    topic, payload, qos, retain = owner.conn.sent[0]
+    assert (topic, qos, retain) == ("smartbin/t1/owner", 1, True)
+    assert json.loads(payload)["token"] == "me"
+
+
+def test_a_claim_left_by_a_previous_run_is_no_duplicate(owner):
+    owner.claim.on_connect()
+    owner.claim.on_message("smartbin/t1/owner", claim("old"), True)
+    owner.claim.on_message("smartbin/t1/owner", claim("me"), False)  # our own, echoed
+    owner.claim.on_connect()  # a reconnect: the retained claim is ours now
+    owner.claim.on_message("smartbin/t1/owner", claim("me"), True)
+    for junk in (b"", b"null", b"[1]", b'{"token": 5}', b"\xff", b"[" * 10_000):
+        owner.claim.on_message("smartbin/t1/owner", junk, False)
+    assert owner.faults == []
+
+
+def test_another_claim_on_two_connects_within_a_minute_is_a_duplicate(owner, caplog):
+    with caplog.at_level(logging.ERROR):
+        for _ in range(4):
+            owner.claim.on_connect()
+            owner.claim.on_message("smartbin/t1/owner", claim("other"), True)
+            owner.claim.on_message("smartbin/t1/owner", claim("other"), True)
+    assert len(owner.faults) == 1  # reported once, not on every kick
+    fault = owner.faults[0]
+    assert fault.kind == "duplicate_bin_id"
+    assert fault.detail == (
+        "another smartbin (host pi-2, pid 77) uses bin.id 't1' on this broker, and the "
+        "broker keeps disconnecting one of the two: give each bin its own bin.id (bin.id "
+        "in its config file, or --bin-id)")
+    assert [r.getMessage() for r in caplog.records] == [f"fault duplicate_bin_id: {fault.detail}"]
+
+
+def test_another_claim_arriving_live_is_a_duplicate_at_once(owner):
+    owner.claim.on_connect()
+    owner.claim.on_message("smartbin/t1/owner", claim("other", host="kitchen-pi"), False)
+    assert [f.kind for f in owner.faults] == ["duplicate_bin_id"]
+    assert "host kitchen-pi" in owner.faults[0].detail

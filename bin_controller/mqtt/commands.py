@@ -18,12 +18,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from bin_controller.bins import BINS
 from bin_controller.config import Config
 from bin_controller.errors import BusyError, CommandError, SmartbinError
 from bin_controller.payloads import MAX_JSON_BYTES, JsonObject, JsonValue, parse_json
+from bin_controller.vision.bundle import MANIFEST, SHIPPED_MODELS
 
 if TYPE_CHECKING:
     from bin_controller.parts import ImageClassifier
@@ -123,6 +125,20 @@ def bundle_name(value: JsonValue) -> str:
     return value
 
 
+def named_bundle(models_dir: str, name: str) -> Path:
+    """The folder of the bundle called `name`: in the models folder, else shipped."""
+    places = [Path(models_dir).expanduser(), SHIPPED_MODELS]
+    for folder in places:
+        if (folder / name / MANIFEST).is_file():
+            return folder / name
+    raise CommandError(f"no bundle named {name!r} in the models folder {places[0]} nor among "
+                       f"the shipped bundles ({', '.join(_names(SHIPPED_MODELS))})")
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if (d / MANIFEST).is_file())
+
+
 # ---------------------------------------------------------------------- handlers
 
 
@@ -170,8 +186,9 @@ def make_handlers(cfg: Config, loop: LoopControl, store: CountsReset,
     def reload_model(args: JsonObject) -> JsonObject:
         _fields(args, "bundle")
         # The configured bundle may be a path (the config is the owner's); a command's is
-        # a name only.
-        ref = bundle_name(args["bundle"]) if "bundle" in args else cfg.model.bundle
+        # a name, looked up in the two bundle folders only (never the working directory).
+        ref = (str(named_bundle(cfg.model.dir, bundle_name(args["bundle"])))
+               if "bundle" in args else cfg.model.bundle)
         # Built and checked completely before the swap: a broken bundle changes nothing.
         new = load_classifier(ref)
         try:
@@ -411,7 +428,6 @@ class _Lane:
                                 self.name, self.capacity)
                     self._full_logged = True
                 return False
-            self._full_logged = False
             self._items.append((name, payload))
             self._cond.notify()
             return True
@@ -428,6 +444,8 @@ class _Lane:
                 if self._closed:
                     return
                 name, payload = self._items.popleft()
+                if not self._items:
+                    self._full_logged = False  # the flood is over
             self._work(self, name, payload)
 
     def start(self) -> None:
