@@ -73,8 +73,18 @@ class SortingLoop:
         if self._thread is None or threading.current_thread() is self._thread:
             return fn()  # not running (or already on the loop's thread): nothing to race
         done: queue.Queue[tuple[T | None, BaseException | None]] = queue.Queue()
+        # Whether the call started decides what a timeout means: not started, it is withdrawn
+        # (the caller hears "busy" and it never happens behind its back); started, it is
+        # short (a flap move, a model swap) and its outcome is awaited and returned.
+        gate = threading.Lock()
+        started = cancelled = False
 
         def call() -> None:
+            nonlocal started
+            with gate:
+                if cancelled:
+                    return
+                started = True
             try:
                 done.put((fn(), None))
             except Exception as exc:  # reported to the caller, never kills the loop
@@ -84,7 +94,11 @@ class SortingLoop:
         try:
             value, error = done.get(timeout=timeout)
         except queue.Empty:
-            raise BusyError(f"the bin is busy ({self.state}); try again") from None
+            with gate:
+                cancelled = not started
+            if cancelled:
+                raise BusyError(f"the bin is busy ({self.state}); try again") from None
+            value, error = done.get()
         if error is not None:
             raise error
         return value  # type: ignore[return-value]  # None only when error is set

@@ -288,3 +288,15 @@ def test_calibrate_refuses_while_an_item_is_being_sorted():
     rig.loop.state = State.SORTING
     with pytest.raises(BusyError):
         rig.loop.calibrate(angle=10)
+
+
+def test_a_command_answered_busy_never_happens_later():
+    import threading
+
+    rig = Rig()
+    rig.loop._thread = threading.Thread()  # turning elsewhere and not taking commands
+    moved: list[int] = []
+    with pytest.raises(BusyError):
+        rig.loop._submit(lambda: moved.append(1), timeout=0.05)
+    rig.loop.step()  # the loop takes its queued commands now
+    assert moved == []
