@@ -189,11 +189,15 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-def _picture(cfg: Config, camera: Camera) -> tuple[Image.Image, np.ndarray]:
-    """The annotated whole frame and the region the classifier gets."""
+def _picture(cfg: Config, camera: Camera) -> tuple[Image.Image, np.ndarray, str]:
+    """The annotated whole frame, the region the classifier gets, and what is drawn."""
     frame, crop = whole_frame(camera)
     region = crop or (0, 0, frame.shape[1], frame.shape[0])
-    return annotate(frame, crop, model_box(cfg, region)), fq.apply_crop(frame, crop)
+    model = model_box(cfg, region)
+    legend = [text for box, text in ((crop, "green: camera.crop"),
+                                     (model, f"yellow: what model {cfg.model.bundle!r} sees"))
+              if box is not None]
+    return annotate(frame, crop, model), fq.apply_crop(frame, crop), "; ".join(legend)
 
 
 def snapshot(args: argparse.Namespace) -> int:
@@ -202,10 +206,10 @@ def snapshot(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in SUFFIXES:
         raise ImageError(f"{out}: unknown image type; name it .jpg or .png")
     with opened_camera(cfg) as camera:
-        image, seen = _picture(cfg, camera)
+        image, seen, legend = _picture(cfg, camera)
     save_image(image, out)
-    print(f"{out}: {image.width}x{image.height} frame, {numbers(seen)}; green: camera.crop, "
-          f"yellow: what model {cfg.model.bundle!r} looks at")
+    print(f"{out}: {image.width}x{image.height} frame, {numbers(seen)}"
+          + (f"; {legend}" if legend else ""))
     if args.reference:
         save_image(Image.fromarray(seen), reference_path(cfg))
         print(f"{reference_path(cfg)}: reference photo of the empty flap for 'smartbin check'")
@@ -219,13 +223,15 @@ def preview(args: argparse.Namespace) -> int:
         raise ImageError(f"--out {out}: unknown image type; name it .jpg or .png")
     if args.interval <= 0:
         raise SmartbinError(f"--interval {args.interval:g}: must be more than 0 seconds")
+    if args.seconds < 0:
+        raise SmartbinError(f"--seconds {args.seconds:g}: must be 0 (until Ctrl-C) or more")
     end = time.monotonic() + args.seconds if args.seconds > 0 else None
     print(f"writing {out} every {args.interval:g} s"
           + (f" for {args.seconds:g} s" if end else "; Ctrl-C stops"), flush=True)
     with opened_camera(cfg) as camera, contextlib.suppress(KeyboardInterrupt):
         while True:
             started = time.monotonic()
-            image, seen = _picture(cfg, camera)
+            image, seen, _legend = _picture(cfg, camera)
             save_image(image, out)
             # Turn the lens until sharpness peaks; brightness tells the light.
             print(f"{time.strftime('%H:%M:%S')} {numbers(seen)}", flush=True)

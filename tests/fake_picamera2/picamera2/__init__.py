@@ -177,7 +177,7 @@ class CompletedRequest:
             return rgb.copy()
         if self.format == "RGB888":
             return rgb[..., ::-1].copy()
-        alpha = np.full(rgb.shape[:2] + (1,), 255, np.uint8)
+        alpha = np.full((*rgb.shape[:2], 1), 255, np.uint8)
         if self.format == "XBGR8888":
             return np.concatenate([rgb, alpha], axis=2)
         return np.concatenate([rgb[..., ::-1], alpha], axis=2)
