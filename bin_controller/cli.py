@@ -189,6 +189,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     return check.run(args)
 
 
+def cmd_camera(args: argparse.Namespace) -> int:
+    from bin_controller.tools import camera_cmd
+
+    return camera_cmd.run(args)
+
+
 def cmd_monitor(args: argparse.Namespace) -> int:
     from bin_controller.tools import monitor
 
@@ -270,6 +276,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt", metavar="HOST[:PORT]", help="check this broker instead")
     p.add_argument("--state-dir", type=path_arg, help="override bin.state_dir")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("camera", help="aim and focus the camera: snapshot, live preview file")
+    camera_sub = p.add_subparsers(dest="camera_command", required=True, metavar="WHAT")
+    for name, helptext in (("snapshot", "save a still as the classifier sees it (crop drawn)"),
+                           ("preview", "rewrite a JPEG every --interval seconds (aiming)")):
+        c = camera_sub.add_parser(name, help=helptext)
+        c.add_argument("--config", default=None, help="TOML configuration file")
+        c.add_argument("--state-dir", type=Path, help="override bin.state_dir")
+        c.add_argument("--simulate", action="store_true",
+                       help="the simulator's camera and mock pins")
+        c.set_defaults(func=cmd_camera)
+        if name == "snapshot":
+            c.add_argument("file", metavar="FILE", help="image to write (.jpg or .png)")
+            c.add_argument("--reference", action="store_true",
+                           help="also keep it as the empty flap's reference for 'check'")
+        else:
+            c.add_argument("--out", default=None,
+                           help="image to rewrite (default: <state dir>/camera-preview.jpg)")
+            c.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+            c.add_argument("--seconds", type=float, default=0,
+                           help="stop after this long (0: until Ctrl-C)")
 
     p = sub.add_parser("monitor", help="live terminal view of one bin or a fleet (MQTT)")
     p.add_argument("--host", default="localhost", help="broker HOST[:PORT]")

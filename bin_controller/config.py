@@ -128,6 +128,17 @@ class CameraSection:
                         min=-1, max=27)
     led_settle_s: float = _opt(0.05, "Time between lighting the LED and the shot.", min=0.0,
                                max=2.0)
+    exposure: str = _opt("auto", "auto: exposure and white balance follow the light; locked: "
+                                 "they settle at start (LED lit, flap empty) and on "
+                                 "cmd/recalibrate_camera, then stay fixed so every item is "
+                                 "seen the same way.", choices=("auto", "locked"))
+    crop: dict[str, float] = _opt(None, "Region of interest in frame pixels, the part that "
+                                        "holds the flap, cut out before the model's resize: "
+                                        "{ x = 40, y = 0, width = 224, height = 224 }; empty: "
+                                        "the whole frame.", factory=dict)
+    timeout_s: float = _opt(2.0, "A capture that gets no frame this long fails (CameraError, "
+                                 "retried); 0: wait for ever (the systemd watchdog restarts a "
+                                 "stuck camera).", min=0.0, max=60.0)
 
 
 def _default_angles() -> dict[str, float]:
@@ -486,6 +497,33 @@ def _check_pins(cfg: Config) -> None:
         if pin in seen:
             raise ConfigError(f"{name} = {pin}: GPIO {pin} is already used by {seen[pin]}")
         seen[pin] = name
+    _check_crop(cfg.camera)
+
+
+CROP_KEYS = ("x", "y", "width", "height")
+MIN_CROP_PX = 16  # smaller regions hold too little of an item for any model input
+
+
+def _check_crop(camera: CameraSection) -> None:
+    crop = camera.crop
+    if not crop:
+        return
+    example = "e.g. { x = 40, y = 0, width = 224, height = 224 }"
+    if sorted(crop) != sorted(CROP_KEYS):
+        raise ConfigError(f"camera.crop needs exactly the keys {', '.join(CROP_KEYS)} (frame "
+                          f"pixels), {example}; got {', '.join(crop) or 'none'}")
+    for key in CROP_KEYS:
+        if crop[key] != int(crop[key]) or crop[key] < 0:
+            raise ConfigError(f"camera.crop.{key} = {crop[key]:g}: must be a whole number of "
+                              "pixels, 0 or more")
+    for size, offset, limit in (("width", "x", camera.width), ("height", "y", camera.height)):
+        if crop[size] < MIN_CROP_PX:
+            raise ConfigError(f"camera.crop.{size} = {crop[size]:g}: must be at least "
+                              f"{MIN_CROP_PX} pixels")
+        if crop[offset] + crop[size] > limit:
+            raise ConfigError(f"camera.crop: {offset} + {size} = {crop[offset] + crop[size]:g} "
+                              f"lies outside the {camera.width}x{camera.height} frame "
+                              f"(camera.{size} = {limit}); make the region smaller or move it")
 
 
 def _check_simulated(cfg: Config) -> None:

@@ -55,6 +55,22 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
+def add_missing_columns(db: sqlite3.Connection) -> list[str]:
+    """Bring a database written by an older smartbin up to SortEvent's fields: CREATE TABLE
+    IF NOT EXISTS leaves old tables as they were, so a field added since (the frame's time
+    and exposure) gets its column here; old rows read back as None, its default."""
+    added = []
+    for table in ("journal", "pending"):
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for name in EVENT_FIELDS:
+            if name not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name}")
+                added.append(f"{table}.{name}")
+    if added:
+        log.info("count database: added column(s) %s", ", ".join(added))
+    return added
+
+
 class Store:
     """Thread-safe; every write is one transaction with the configured durability."""
 
@@ -70,6 +86,7 @@ class Store:
             self.db.execute(f"PRAGMA synchronous={synchronous}")
             self.db.execute("PRAGMA busy_timeout=5000")
             self.db.executescript(SCHEMA)
+            add_missing_columns(self.db)
         except (sqlite3.Error, OSError) as exc:
             raise SmartbinError(f"{self.path}: cannot open the count database: {exc}; set "
                                 "bin.state_dir (or --state-dir) to a writable folder") from exc

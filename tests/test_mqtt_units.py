@@ -61,7 +61,8 @@ def test_event_message_bytes():
         '{"time": 1700000000.25, "bin": "kitchen", "label": "苹果", "label_en": "apple", '
         '"confidence": 0.875, "uncertain": false, "failed": false, "forced": true, '
         '"cycle_ms": 123.5, "decision_ms": 45.25, "model": "demo", "model_version": "1", '
-        '"error": null, "bin_confidence": 0.9, "seq": 1}')
+        '"error": null, "bin_confidence": 0.9, "seq": 1, "frame_time": null, '
+        '"exposure_us": null, "analogue_gain": null}')
 
 
 def test_retained_payload_bytes():
