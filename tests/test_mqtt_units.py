@@ -353,6 +353,12 @@ class FakeLoop:
         old, self.classifier = self.classifier, classifier
         return old
 
+    def recalibrate_camera(self) -> dict:
+        if self.busy:
+            raise BusyError("an item is on the flap; recalibrate with the flap empty")
+        self.calls.append(("recalibrate_camera", None))
+        return {"exposure_us": 8000, "analogue_gain": 1.5, "colour_gains": [1.9, 1.4]}
+
 
 class FakeCounts:
     def __init__(self) -> None:
@@ -901,3 +907,15 @@ def test_another_claim_arriving_live_is_a_duplicate_at_once(owner):
     owner.claim.on_message("smartbin/t1/owner", claim("other", host="kitchen-pi"), False)
     assert [f.kind for f in owner.faults] == ["duplicate_bin_id"]
     assert "host kitchen-pi" in owner.faults[0].detail
+
+
+def test_recalibrate_camera_reports_the_settled_exposure(bin_):
+    reply = bin_.commands.handle("recalibrate_camera", b'{"id": 4}')
+    assert reply == {"ok": True, "exposure_us": 8000, "analogue_gain": 1.5,
+                     "colour_gains": [1.9, 1.4], "command": "recalibrate_camera", "id": 4}
+    assert bin_.loop.calls == [("recalibrate_camera", None)]
+    reply = bin_.commands.handle("recalibrate_camera", b'{"exposure": 1}')
+    assert not reply["ok"] and "unexpected field(s) exposure" in reply["error"]
+    bin_.loop.busy = True
+    reply = bin_.commands.handle("recalibrate_camera", b"")
+    assert not reply["ok"] and "flap empty" in reply["error"]

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bin_controller.bins import BINS
 from bin_controller.config import Config
@@ -63,6 +63,8 @@ class LoopControl(Protocol):
     def calibrate(self, *, bin_name: str | None = None, angle: float | None = None) -> float: ...
 
     def replace_classifier(self, classifier: ImageClassifier) -> ImageClassifier: ...
+
+    def recalibrate_camera(self) -> dict[str, Any]: ...
 
 
 class CountsReset(Protocol):
@@ -198,8 +200,18 @@ def make_handlers(cfg: Config, loop: LoopControl, store: CountsReset,
         return {"model": new.bundle.name, "version": new.bundle.version,
                 "previous": f"{old.bundle.name} {old.bundle.version}"}
 
+    def recalibrate_camera(args: JsonObject) -> JsonObject:
+        _fields(args)
+        # CommandError (no exposure to fix), BusyError (an item on the flap) and
+        # HardwareError (exposure = 'auto', a camera failure) are answered as errors.
+        settled = loop.recalibrate_camera()
+        return {"exposure_us": settled.get("exposure_us"),
+                "analogue_gain": settled.get("analogue_gain"),
+                "colour_gains": settled.get("colour_gains")}
+
     return {"pause": pause, "resume": resume, "reset_counts": reset_counts,
-            "sort_next": sort_next, "calibrate": calibrate, "reload_model": reload_model}
+            "sort_next": sort_next, "calibrate": calibrate, "reload_model": reload_model,
+            "recalibrate_camera": recalibrate_camera}
 
 
 def _angle(cfg: Config, value: JsonValue) -> float:

@@ -45,13 +45,14 @@ def _pins(cfg: Config) -> str:
 
 def _camera(cfg: Config) -> str:
     from bin_controller.hardware.registry import cameras
+    from bin_controller.tools.camera_cmd import camera_report
 
     kinds = cameras()
     if cfg.camera.type not in kinds:
         raise SmartbinError(f"camera.type = {cfg.camera.type!r} is not installed; known: "
                             f"{', '.join(kinds)}")
     if cfg.camera.type != "picamera2":
-        return f"{cfg.camera.type} (from {kinds[cfg.camera.type]})"
+        return f"{cfg.camera.type} (from {kinds[cfg.camera.type]}); {camera_report(cfg)}"
     if importlib.util.find_spec("picamera2") is None:
         raise SmartbinError("picamera2 is not importable: sudo apt install python3-picamera2, "
                             "and a venv made with --system-site-packages")
@@ -60,7 +61,8 @@ def _camera(cfg: Config) -> str:
     found: list[dict[str, str]] = Picamera2.global_camera_info()
     if not found:
         raise SmartbinError("no camera found: check the ribbon cable and 'rpicam-hello'")
-    return ", ".join(c.get("Model", "camera") for c in found)
+    models = ", ".join(c.get("Model", "camera") for c in found)
+    return f"{models}; {camera_report(cfg)}"
 
 
 def _broker(cfg: Config) -> str:
