@@ -4,27 +4,116 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bin_controller import __version__
+from bin_controller.config import path_problem
 from bin_controller.errors import SmartbinError
+
+if TYPE_CHECKING:
+    from bin_controller.vision.classifier import Classifier, Prediction
 
 DEFAULT_MODEL = "demo"
 COMMAND_GROUP = "smartbin.commands"
+# More interpreter threads than any board has cores only adds switching; TFLite would
+# start every one of them.
+MAX_THREADS = 64
+# Seeds as simulator.seed takes them (numpy accepts any non-negative int).
+MAX_SEED = 2**31 - 1
+# Option text quoted in an error up to this many characters.
+SHOWN_OPTION_CHARS = 60
+
+
+# ---------------------------------------------------------------------- option types
+# argparse calls these on an option's text; an ArgumentTypeError becomes one line,
+# "smartbin CMD: error: argument --top: ...", after the usage line, with exit code 2.
+
+
+def quote(text: str) -> str:
+    """Option text as an error line shows it: repr (so a NUL is visible), shortened."""
+    shown = repr(text)
+    return shown if len(shown) <= SHOWN_OPTION_CHARS else shown[:SHOWN_OPTION_CHARS - 3] + "..."
+
+
+def _bounds(lo: float, hi: float | None, *, above: bool = False) -> str:
+    def show(x: float) -> str:
+        return str(x) if isinstance(x, int) else f"{x:g}"
+    if hi is not None:
+        return f"from {show(lo)} to {show(hi)}"
+    return f"more than {show(lo)}" if above else f"of {show(lo)} or more"
+
+
+def whole(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from lo (to hi)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:  # not a number, or more digits than Python converts
+            value = None
+        if value is None or value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number {_bounds(lo, hi)}, not {quote(text)}")
+        return value
+    return parse
+
+
+def number(lo: float, hi: float | None = None, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number from lo (or above it, when `above`) to hi."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = math.isfinite(value) and (value > lo if above else value >= lo) and (
+            hi is None or value <= hi)
+        if not ok:
+            raise argparse.ArgumentTypeError(
+                f"expected a number {_bounds(lo, hi, above=above)}, not {quote(text)}")
+        return value
+    return parse
+
+
+def name_or_path(text: str) -> str:
+    """An argparse type: a file name or path (or a bundle name) the system can open."""
+    problem = path_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"the path {quote(text)} {problem}")
+    return text
+
+
+def path_arg(text: str) -> Path:
+    """An argparse type: like name_or_path, as a Path."""
+    return Path(name_or_path(text))
+
+
+def thread_counts(text: str) -> str:
+    """An argparse type: a comma list of thread counts, returned as given."""
+    parse = whole(1, MAX_THREADS)
+    try:
+        counts = [parse(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        counts = []
+    if not counts:
+        raise argparse.ArgumentTypeError(f"expected thread counts such as 1,2 (each from 1 "
+                                         f"to {MAX_THREADS}), not {quote(text)}")
+    return ",".join(map(str, counts))
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
+    p.add_argument("--model", default=DEFAULT_MODEL, type=name_or_path,
                    help="bundle folder, or a name in model.dir, then shipped (default: demo)")
     p.add_argument("--backend", default="auto",
                    help="auto (LiteRT, then tflite-runtime, then tf.lite), litert, "
                         "tflite-runtime or tensorflow")
-    p.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
-    p.add_argument("--backbone", default=None,
+    p.add_argument("--threads", type=whole(1, MAX_THREADS), default=1,
+                   help=f"interpreter threads, 1 to {MAX_THREADS} (default 1)")
+    p.add_argument("--backbone", default=None, type=name_or_path,
                    help="local file or folder for a bundle's downloadable backbone "
                         "(else $SMARTBIN_BACKBONE, the cache, or a download)")
 
@@ -39,14 +128,15 @@ def cmd_classify(args: argparse.Namespace) -> int:
     failures = 0
     for image in args.images:
         try:
-            p = classifier.classify_file(image)
-        except SmartbinError as exc:
+            p = _classify_one(classifier, image)
+        except (SmartbinError, OSError) as exc:
             failures += 1
             record = {"image": image, "error": str(exc)}
             if args.json:
                 print(json.dumps(record, ensure_ascii=False), flush=True)
             else:
-                print(f"{image}: error: {exc}", file=sys.stderr)
+                shown = image if image.isprintable() else quote(image)
+                print(f"{shown}: error: {exc}", file=sys.stderr)
             continue
         record = {
             "image": image,
@@ -66,6 +156,15 @@ def cmd_classify(args: argparse.Namespace) -> int:
             print(f"{image}: {p.label.name_en or p.label.name} -> {p.bin} "
                   f"({p.confidence:.1%}, {p.latency_ms:.1f} ms, {classifier.backend})")
     return 1 if failures else 0
+
+
+def _classify_one(classifier: Classifier, image: str) -> Prediction:
+    # A path no file call can take (a NUL, an over-long name) would raise ValueError or
+    # OSError deep inside; it is this image's error, and the others still run.
+    problem = path_problem(image)
+    if problem:
+        raise SmartbinError(f"the path {problem}")
+    return classifier.classify_file(image)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -88,6 +187,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     from bin_controller.tools import check
 
     return check.run(args)
+
+
+def cmd_camera(args: argparse.Namespace) -> int:
+    from bin_controller.tools import camera_cmd
+
+    return camera_cmd.run(args)
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
@@ -140,41 +245,66 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="classify image files with a model bundle")
     _add_model_options(p)
     p.add_argument("--json", action="store_true", help="one JSON object per image")
-    p.add_argument("--top", type=int, default=5, help="how many top labels to report")
+    p.add_argument("--top", type=whole(1), default=5,
+                   help="how many top labels to report (1 or more)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("run", help="run the bin on its hardware")
-    p.add_argument("--config", default=None, help="TOML configuration file")
+    p.add_argument("--config", default=None, type=name_or_path, help="TOML configuration file")
     p.add_argument("--bin-id", default=None, help="override bin.id")
     p.add_argument("--mqtt", metavar="HOST[:PORT]", help="publish to this MQTT broker")
-    p.add_argument("--state-dir", type=Path, help="override bin.state_dir")
+    p.add_argument("--state-dir", type=path_arg, help="override bin.state_dir")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.add_argument("--simulate", action="store_true",
                    help="run the service on the simulator's pins and camera, with a person "
                         "dropping a generated item every --sim-interval seconds")
-    p.add_argument("--sim-interval", type=float, default=2.0)
-    p.add_argument("--sim-items", type=int, default=None, help="stop dropping after this many")
-    p.add_argument("--sim-hang-camera", type=int, default=0, metavar="N",
+    p.add_argument("--sim-interval", type=number(0, 3600), default=2.0,
+                   help="seconds between drops (0: nobody drops)")
+    p.add_argument("--sim-items", type=whole(1), default=None,
+                   help="stop dropping after this many")
+    p.add_argument("--sim-hang-camera", type=whole(0), default=0, metavar="N",
                    help="the Nth capture never returns (to see the watchdog act)")
     p.add_argument("--sim-fast", action="store_true", help="no mechanical delays (benchmarks)")
-    p.add_argument("--model", default=None, help="override model.bundle")
-    p.add_argument("--backbone", default=None, help="override model.backbone")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, type=name_or_path, help="override model.bundle")
+    p.add_argument("--backbone", default=None, type=name_or_path, help="override model.backbone")
+    p.add_argument("--seed", type=whole(0, MAX_SEED), default=0)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="check config, model, pins, camera, broker and disk")
-    p.add_argument("--config", default=None, help="TOML configuration file")
+    p.add_argument("--config", default=None, type=name_or_path, help="TOML configuration file")
     p.add_argument("--mqtt", metavar="HOST[:PORT]", help="check this broker instead")
-    p.add_argument("--state-dir", type=Path, help="override bin.state_dir")
+    p.add_argument("--state-dir", type=path_arg, help="override bin.state_dir")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("camera", help="aim and focus the camera: snapshot, live preview file")
+    camera_sub = p.add_subparsers(dest="camera_command", required=True, metavar="WHAT")
+    for name, helptext in (("snapshot", "save a still as the classifier sees it (crop drawn)"),
+                           ("preview", "rewrite a JPEG every --interval seconds (aiming)")):
+        c = camera_sub.add_parser(name, help=helptext)
+        c.add_argument("--config", default=None, help="TOML configuration file")
+        c.add_argument("--state-dir", type=Path, help="override bin.state_dir")
+        c.add_argument("--simulate", action="store_true",
+                       help="the simulator's camera and mock pins")
+        c.set_defaults(func=cmd_camera)
+        if name == "snapshot":
+            c.add_argument("file", metavar="FILE", help="image to write (.jpg or .png)")
+            c.add_argument("--reference", action="store_true",
+                           help="also keep it as the empty flap's reference for 'check'")
+        else:
+            c.add_argument("--out", default=None,
+                           help="image to rewrite (default: <state dir>/camera-preview.jpg)")
+            c.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+            c.add_argument("--seconds", type=float, default=0,
+                           help="stop after this long (0: until Ctrl-C)")
 
     p = sub.add_parser("monitor", help="live terminal view of one bin or a fleet (MQTT)")
     p.add_argument("--host", default="localhost", help="broker HOST[:PORT]")
-    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--port", type=whole(1, 65535), default=1883)
     p.add_argument("--bin-id", default="+", help="one bin, or + for every bin (default)")
     p.add_argument("--prefix", default="smartbin")
-    p.add_argument("--seconds", type=float, default=0, help="stop after this long (0: never)")
+    p.add_argument("--seconds", type=number(0), default=0,
+                   help="stop after this long (0: never)")
     p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("config-doc", help="print the configuration reference (Markdown)")
@@ -182,34 +312,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config_doc)
 
     p = sub.add_parser("train", help="train a bundle from a folder of labelled photos")
-    p.add_argument("--data", type=Path, required=True,
+    p.add_argument("--data", type=path_arg, required=True,
                    help="class subfolders, or train/ val/ test/ holding them")
-    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
-    p.add_argument("--bins", type=Path, help="JSON class -> bin (default: name prefixes)")
+    p.add_argument("--out", type=path_arg, required=True, help="bundle folder to write")
+    p.add_argument("--bins", type=path_arg, help="JSON class -> bin (default: name prefixes)")
     p.add_argument("--method", choices=("features", "keras"), default="features")
     p.add_argument("--strategy", choices=("connect", "140after", "all"), default="connect",
                    help="keras method: which layers train (the study's three)")
-    p.add_argument("--backbone", help="backbone file or URL (default: the official "
-                                      "MobileNetV2 download, or $SMARTBIN_BACKBONE)")
-    p.add_argument("--weights", help="keras method: local ImageNet weights file "
-                                     "(default: download; 'none' for random)")
-    p.add_argument("--image-size", type=int, default=224,
+    p.add_argument("--backbone", type=name_or_path,
+                   help="backbone file or URL (default: the official MobileNetV2 download, "
+                        "or $SMARTBIN_BACKBONE)")
+    p.add_argument("--weights", type=name_or_path,
+                   help="keras method: local ImageNet weights file (default: download; "
+                        "'none' for random)")
+    p.add_argument("--image-size", type=whole(32, 1024), default=224,
                    help="keras method: input size (the study: 224)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=whole(1), default=30)
+    p.add_argument("--batch-size", type=whole(1), default=16)
+    p.add_argument("--lr", type=number(0, above=True), default=1e-4)
+    p.add_argument("--dropout", type=number(0, 0.99), default=0.5)
+    p.add_argument("--seed", type=whole(0, MAX_SEED), default=0)
     p.add_argument("--no-search", action="store_true",
                    help="features method: train only the study's head, no variants")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="measure a bundle on labelled photos")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--model", required=True, type=name_or_path)
+    p.add_argument("--data", type=path_arg, required=True)
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
-    p.add_argument("--out", type=Path, help="write report.json, report.md and plots here")
-    p.add_argument("--backbone")
+    p.add_argument("--out", type=path_arg, help="write report.json, report.md and plots here")
+    p.add_argument("--backbone", type=name_or_path)
     p.add_argument("--backend", default="auto")
     p.set_defaults(func=cmd_evaluate)
 
@@ -217,20 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
     b = bench_sub.add_parser("classify", help="bare invoke() against the full classify call")
     _add_model_options(b)
-    b.add_argument("--image", default=None, help="JPEG to classify (default: a generated one)")
-    b.add_argument("--runs", type=int, default=200, help="timed runs per row (default 200)")
-    b.add_argument("--thread-counts", default="1,2", help="comma list (default 1,2)")
+    b.add_argument("--image", default=None, type=name_or_path,
+                   help="JPEG to classify (default: a generated one)")
+    b.add_argument("--runs", type=whole(1), default=200, help="timed runs per row (default 200)")
+    b.add_argument("--thread-counts", default="1,2", type=thread_counts,
+                   help="comma list (default 1,2)")
     b.add_argument("--backends", default=None,
                    help="comma list (default: every backend importable here)")
     b.set_defaults(func=cmd_bench, bench_fn="run")
     b = bench_sub.add_parser("store", help="items per second the store commits")
-    b.add_argument("--items", type=int, default=2000)
-    b.add_argument("--dir", default=None, help="folder on the disk to measure (default: /tmp)")
+    b.add_argument("--items", type=whole(1), default=2000)
+    b.add_argument("--dir", default=None, type=name_or_path,
+                   help="folder on the disk to measure (default: /tmp)")
     b.set_defaults(func=cmd_bench, bench_fn="run_store")
     b = bench_sub.add_parser("service", help="start to READY, memory after many items")
-    b.add_argument("--model", default="demo")
-    b.add_argument("--backbone", default=None)
-    b.add_argument("--items", type=int, default=1000)
+    b.add_argument("--model", default="demo", type=name_or_path)
+    b.add_argument("--backbone", default=None, type=name_or_path)
+    b.add_argument("--items", type=whole(1), default=1000)
     b.set_defaults(func=cmd_bench, bench_fn="run_service")
     _add_plugin_commands(CommandTables(sub, bench_sub))
     return parser

@@ -7,8 +7,10 @@ schema also generates the configuration reference in the README (`smartbin confi
 
 from __future__ import annotations
 
+import math
 import os
 import socket
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -18,12 +20,27 @@ from typing import Any, get_args, get_origin, get_type_hints
 from bin_controller.bins import BINS
 from bin_controller.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "config_from_dict", "load_config", "merge"]
+__all__ = ["Config", "ConfigError", "config_from_dict", "load_config", "merge", "path_problem"]
+
+# A configuration file is a page of settings; anything larger is not one (and is not read
+# whole into memory to find out).
+MAX_CONFIG_BYTES = 1_000_000
+# TOML integers are 64-bit; a larger Python int (from code, not a file) is refused the same
+# way rather than overflowing later in float() or in a C library.
+MAX_INT = 2**63 - 1
+# Linux limits: a path of more bytes, or a name in it of more, fails in every file call.
+PATH_MAX_BYTES = 4096
+NAME_MAX_BYTES = 255
+# bin.id is a topic level and part of the MQTT client id; a host name is at most 63.
+BIN_ID_MAX_CHARS = 64
+# A bad value is quoted in the error up to this many characters: the error stays one line.
+SHOWN_VALUE_CHARS = 80
 
 
 def _opt(default: Any, doc: str, *, choices: tuple[Any, ...] | None = None,
-         min: float | None = None, max: float | None = None, factory: Any = None) -> Any:
-    meta = {"doc": doc, "choices": choices, "min": min, "max": max}
+         min: float | None = None, max: float | None = None, factory: Any = None,
+         path: bool = False) -> Any:
+    meta = {"doc": doc, "choices": choices, "min": min, "max": max, "path": path}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -43,22 +60,24 @@ def _default_state_dir() -> str:
 
 @dataclass(frozen=True)
 class BinSection:
-    id: str = _opt(None, "Bin id used in MQTT topics and logs; defaults to the host name.",
-                   factory=_hostname)
+    id: str = _opt(None, "Bin id used in MQTT topics and logs: one topic level (no '/', "
+                         "'+', '#' or spaces); defaults to the host name.", factory=_hostname)
     state_dir: str = _opt(None, "Folder for the count database; defaults to $STATE_DIRECTORY "
-                                "or ~/.local/state/smartbin.", factory=_default_state_dir)
+                                "or ~/.local/state/smartbin.", factory=_default_state_dir,
+                          path=True)
 
 
 @dataclass(frozen=True)
 class ModelSection:
     bundle: str = _opt("demo", "Model bundle: a folder, or a name looked up in model.dir, "
-                               "then among the bundles shipped with smartbin.")
+                               "then among the bundles shipped with smartbin.", path=True)
     dir: str = _opt(None, "Folder of trained and taught bundles; defaults to $SMARTBIN_MODELS "
-                          "or <bin.state_dir>/models.", factory=str)
+                          "or <bin.state_dir>/models.", factory=str, path=True)
     backend: str = _opt("auto", "TFLite runtime.",
                         choices=("auto", "litert", "tflite-runtime", "tensorflow"))
     threads: int = _opt(2, "Interpreter threads.", min=1, max=8)
-    backbone: str = _opt("", "Local file or folder for a downloadable backbone (optional).")
+    backbone: str = _opt("", "Local file or folder for a downloadable backbone (optional).",
+                         path=True)
     confidence_threshold: float = _opt(0.5, "Below this bin probability (the sum over "
                                             "the bin's labels) the item goes to fallback_bin, "
                                             "marked uncertain.", min=0.0, max=1.0)
@@ -90,8 +109,8 @@ class SensorSection:
     max_distance_m: float = _opt(0.5, "Ultrasonic: readings are clamped here.", min=0.1, max=4.0)
     settle_s: float = _opt(0.15, "An item counts as present only after this long.", min=0.0,
                            max=5.0)
-    jam_s: float = _opt(4.0, "Still present this long after the flap moved: a jam.", min=0.1,
-                        max=120.0)
+    jam_s: float = _opt(4.0, "Still present this long after the flap moved: a jam; more "
+                             "than flap.move_s + flap.hold_s.", min=0.1, max=120.0)
 
 
 @dataclass(frozen=True)
@@ -109,6 +128,17 @@ class CameraSection:
                         min=-1, max=27)
     led_settle_s: float = _opt(0.05, "Time between lighting the LED and the shot.", min=0.0,
                                max=2.0)
+    exposure: str = _opt("auto", "auto: exposure and white balance follow the light; locked: "
+                                 "they settle at start (LED lit, flap empty) and on "
+                                 "cmd/recalibrate_camera, then stay fixed so every item is "
+                                 "seen the same way.", choices=("auto", "locked"))
+    crop: dict[str, float] = _opt(None, "Region of interest in frame pixels, the part that "
+                                        "holds the flap, cut out before the model's resize: "
+                                        "{ x = 40, y = 0, width = 224, height = 224 }; empty: "
+                                        "the whole frame.", factory=dict)
+    timeout_s: float = _opt(2.0, "A capture that gets no frame this long fails (CameraError, "
+                                 "retried); 0: wait for ever (the systemd watchdog restarts a "
+                                 "stuck camera).", min=0.0, max=60.0)
 
 
 def _default_angles() -> dict[str, float]:
@@ -121,8 +151,8 @@ class FlapSection:
                     min=0, max=27)
     angles: dict[str, float] = _opt(None, "Flap angle per bin, degrees.",
                                     factory=_default_angles)
-    rest_angle: float = _opt(0.0, "Angle that holds the item while it is photographed.",
-                             min=-90, max=90)
+    rest_angle: float = _opt(0.0, "Angle that holds the item while it is photographed; "
+                                  "within min_angle..max_angle.", min=-90, max=90)
     min_angle: float = _opt(-90.0, "Angle at min_pulse_s.", min=-180, max=0)
     max_angle: float = _opt(90.0, "Angle at max_pulse_s.", min=0, max=180)
     min_pulse_s: float = _opt(0.0005, "Servo pulse width at min_angle.", min=0.0001, max=0.003)
@@ -163,17 +193,18 @@ class StoreSection:
 @dataclass(frozen=True)
 class MqttSection:
     enabled: bool = _opt(False, "Publish over MQTT (smartbin run/simulate --mqtt also sets it).")
-    host: str = _opt("localhost", "Broker host.")
+    host: str = _opt("localhost", "Broker host (not empty when enabled).")
     port: int = _opt(1883, "Broker port (8883 is usual for TLS).", min=1, max=65535)
     prefix: str = _opt("smartbin", "Topic prefix; topics are <prefix>/<bin id>/...")
     keepalive_s: int = _opt(30, "MQTT keepalive.", min=5, max=3600)
     username: str = _opt("", "Username (empty: none).")
     password_file: str = _opt("", "File holding the password; else the systemd credential "
-                                  "mqtt_password when present.")
+                                  "mqtt_password when present.", path=True)
     tls: bool = _opt(False, "Connect with TLS.")
-    ca_file: str = _opt("", "CA certificate (PEM) for TLS; empty: the system's.")
-    cert_file: str = _opt("", "Client certificate (PEM) for TLS client authentication.")
-    key_file: str = _opt("", "Client key (PEM).")
+    ca_file: str = _opt("", "CA certificate (PEM) for TLS; empty: the system's.", path=True)
+    cert_file: str = _opt("", "Client certificate (PEM) for TLS client authentication.",
+                          path=True)
+    key_file: str = _opt("", "Client key (PEM).", path=True)
     discovery: bool = _opt(True, "Publish Home Assistant MQTT discovery.")
     discovery_prefix: str = _opt("homeassistant", "Home Assistant discovery prefix.")
     stats_interval_s: float = _opt(60.0, "Seconds between stats messages.", min=1.0,
@@ -191,10 +222,10 @@ class SimulatorSection:
                                 "compartment.", min=0.0, max=10.0)
     servo_deg_per_s: float = _opt(450.0, "Simulator: servo speed (an MG90S turns about 60 "
                                          "degrees in 0.13 s).", min=1.0, max=100000.0)
-    tip_deg: float = _opt(12.0, "Simulator: flap angle from rest at which an item slides off.",
-                          min=1.0, max=90.0)
+    tip_deg: float = _opt(12.0, "Simulator: flap angle from rest at which an item slides off "
+                                "(every flap.angles value must reach it).", min=1.0, max=90.0)
     world_dir: str = _opt("", "Simulator: folder where the world (what lies on the flap, what "
-                              "landed) is kept across restarts; empty: in memory.")
+                              "landed) is kept across restarts; empty: in memory.", path=True)
     drop_interval_s: float = _opt(0.0, "Simulator: a person drops a generated item this often "
                                        "while the service runs; 0: nobody does.",
                                   min=0.0, max=3600.0)
@@ -240,6 +271,51 @@ class Config:
 # --------------------------------------------------------------------------- validation
 
 
+def _show(value: Any) -> str:
+    """The bad value as an error line quotes it: its repr, shortened; also for an int too
+    long to print and a value nested too deep to repr."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past sys.get_int_max_str_digits()
+        bits = value.bit_length() if isinstance(value, int) else 0
+        return f"<an integer of {bits} bits>"
+    except RecursionError:
+        return "<a value nested too deep>"
+    if len(text) > SHOWN_VALUE_CHARS:
+        text = text[:SHOWN_VALUE_CHARS - 3] + "..."
+    return text
+
+
+def _clip(name: str) -> str:
+    """A key as an error line names it: shortened like a value, but unquoted."""
+    return name if len(name) <= SHOWN_VALUE_CHARS else name[:SHOWN_VALUE_CHARS - 3] + "..."
+
+
+def path_problem(text: str) -> str | None:
+    """Why `text` cannot name a file here (as the end of "... must ..."), or None."""
+    if "\0" in text:
+        return "must not contain a NUL character"
+    try:
+        raw = os.fsencode(text)
+    except UnicodeEncodeError:
+        return "must be valid text"
+    if len(raw) > PATH_MAX_BYTES:
+        return f"must be at most {PATH_MAX_BYTES} bytes long"
+    if any(len(name) > NAME_MAX_BYTES for name in raw.split(b"/")):
+        return f"must not have a file or folder name longer than {NAME_MAX_BYTES} bytes"
+    return None
+
+
+def _text_problem(text: str) -> str | None:
+    if "\0" in text:
+        return "must not contain a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid text"
+    return None
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is dict:
@@ -248,33 +324,64 @@ def _type_name(tp: Any) -> str:
         tp, str(tp))
 
 
+def _has_type(value: Any, tp: Any) -> bool:
+    if isinstance(value, bool):
+        return tp is bool
+    return ((tp is int and isinstance(value, int))
+            or (tp is float and isinstance(value, int | float))
+            or (tp is str and isinstance(value, str)))
+
+
+def _range_text(meta: Mapping[str, Any]) -> str:
+    lo, hi = meta.get("min"), meta.get("max")
+    return f"between {lo} and {hi}" if lo is not None or hi is not None else ""
+
+
+def _number(path: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
+    """An int in 64 bits, or a finite float: NaN compares false with every bound and would
+    pass the range check, infinity overflows timers and servo maths."""
+    between = _range_text(meta)
+    if tp is int:
+        if abs(value) > MAX_INT:
+            raise ConfigError(f"{path} = {_show(value)}: must be "
+                              f"{between or f'an integer of at most {MAX_INT}'}")
+        return value
+    try:
+        number = float(value)
+    except OverflowError as exc:  # an int beyond float range, from code rather than TOML
+        raise ConfigError(f"{path} = {_show(value)}: must be "
+                          f"{between or 'a finite number'}") from exc
+    if not math.isfinite(number):
+        raise ConfigError(f"{path} = {number!r}: must be a finite number"
+                          + (f" {between}" if between else ""))
+    return number
+
+
 def _check_value(path: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
-    origin = get_origin(tp)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path} = {value!r}: must be a table, e.g. {{ other = 60 }}")
-        value_type = get_args(tp)[1]
-        out = {}
-        for k, v in value.items():
-            out[k] = _check_value(f"{path}.{k}", v, value_type, {})
-        return out
-    ok = (
-        (tp is bool and isinstance(value, bool))
-        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
-        or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
-        or (tp is str and isinstance(value, str))
-    )
-    if not ok:
-        raise ConfigError(f"{path} = {value!r}: must be {_type_name(tp)}")
-    if tp is float:
-        value = float(value)
+    if get_origin(tp) is dict:
+        return _check_table(path, value, get_args(tp)[1])
+    if not _has_type(value, tp):
+        raise ConfigError(f"{path} = {_show(value)}: must be {_type_name(tp)}")
+    if tp is int or tp is float:
+        value = _number(path, value, tp, meta)
+    if tp is str:
+        problem = path_problem(value) if meta.get("path") else _text_problem(value)
+        if problem:
+            raise ConfigError(f"{path} = {_show(value)}: {problem}")
     if meta.get("choices") and value not in meta["choices"]:
         allowed = ", ".join(map(str, meta["choices"]))
-        raise ConfigError(f"{path} = {value!r}: must be one of {allowed}")
+        raise ConfigError(f"{path} = {_show(value)}: must be one of {allowed}")
     lo, hi = meta.get("min"), meta.get("max")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ConfigError(f"{path} = {value!r}: must be between {lo} and {hi}")
+        raise ConfigError(f"{path} = {_show(value)}: must be {_range_text(meta)}")
     return value
+
+
+def _check_table(path: str, value: Any, value_type: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} = {_show(value)}: must be a table, e.g. {{ other = 60 }}")
+    return {k: _check_value(f"{path}.{_clip(str(k))}", v, value_type, {})
+            for k, v in value.items()}
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
@@ -284,8 +391,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if key not in known:
             where = f"[{prefix}]" if prefix else "the top level"
             allowed = ", ".join(known)
-            raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{key} in {where}; "
-                              f"allowed: {allowed}")
+            raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{_clip(str(key))} "
+                              f"in {where}; allowed: {allowed}")
     kwargs = {}
     for name, f in known.items():
         if name not in data:
@@ -301,36 +408,83 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _cross_checks(cfg: Config) -> None:
-    angles = cfg.flap.angles
+def _check_flap(flap: FlapSection) -> None:
+    angles = flap.angles
     missing = [b for b in BINS if b not in angles]
     unknown = [b for b in angles if b not in BINS]
     if unknown:
-        raise ConfigError(f"flap.angles.{unknown[0]}: unknown bin; bins are {', '.join(BINS)}")
+        raise ConfigError(f"flap.angles.{_clip(unknown[0])}: unknown bin; bins are "
+                          f"{', '.join(BINS)}")
     if missing:
         raise ConfigError(f"flap.angles: no angle for {', '.join(missing)}; every bin needs one")
+    if flap.min_angle >= flap.max_angle:
+        raise ConfigError(f"flap.min_angle = {flap.min_angle!r}: must be smaller than "
+                          f"flap.max_angle ({flap.max_angle!r})")
     for b, a in angles.items():
-        if not cfg.flap.min_angle <= a <= cfg.flap.max_angle:
+        if not flap.min_angle <= a <= flap.max_angle:
             raise ConfigError(f"flap.angles.{b} = {a}: outside min_angle..max_angle "
-                              f"({cfg.flap.min_angle}..{cfg.flap.max_angle})")
-    if cfg.camera.type == "simulated" and cfg.hardware.pin_factory != "mock":
-        raise ConfigError(f"camera.type = 'simulated' needs hardware.pin_factory = 'mock' (the "
-                          f"simulated bin drives gpiozero's mock pins), not "
-                          f"{cfg.hardware.pin_factory!r}")
-    for name in ("prefix", "discovery_prefix"):
-        value = getattr(cfg.mqtt, name)
-        if not value or any(ch in value for ch in "#+") or value.startswith("/") \
-                or value.endswith("/"):
-            raise ConfigError(f"mqtt.{name} = {value!r}: must be a topic path without "
-                              "wildcards or leading/trailing '/'")
-    if cfg.mqtt.tls and bool(cfg.mqtt.cert_file) != bool(cfg.mqtt.key_file):
-        raise ConfigError("mqtt.cert_file and mqtt.key_file go together")
-    if cfg.flap.min_pulse_s >= cfg.flap.max_pulse_s:
-        raise ConfigError("flap.min_pulse_s must be smaller than flap.max_pulse_s")
-    if cfg.sensor.type == "ultrasonic" and \
-            cfg.sensor.threshold_m + cfg.sensor.hysteresis_m >= cfg.sensor.max_distance_m:
+                              f"({flap.min_angle}..{flap.max_angle})")
+    # gpiozero refuses an initial angle outside the servo's range, at start, with a
+    # traceback: say it here instead.
+    if not flap.min_angle <= flap.rest_angle <= flap.max_angle:
+        raise ConfigError(f"flap.rest_angle = {flap.rest_angle!r}: outside min_angle..max_angle "
+                          f"({flap.min_angle}..{flap.max_angle})")
+    if flap.min_pulse_s >= flap.max_pulse_s:
+        raise ConfigError(f"flap.min_pulse_s = {flap.min_pulse_s!r}: must be smaller than "
+                          f"flap.max_pulse_s ({flap.max_pulse_s!r})")
+
+
+def _check_timing(cfg: Config) -> None:
+    # The jam timer must not run out before a slow item has had the flap's whole tip to
+    # slide off: a shorter one declares every such item a jam.
+    flap, jam_s = cfg.flap, cfg.sensor.jam_s
+    if jam_s <= flap.move_s + flap.hold_s:
+        raise ConfigError(f"sensor.jam_s = {jam_s!r}: must be more than flap.move_s + "
+                          f"flap.hold_s ({flap.move_s:g} + {flap.hold_s:g} = "
+                          f"{flap.move_s + flap.hold_s:g} s, the time an item has to slide "
+                          "off); raise jam_s or shorten the flap times")
+    if cfg.gate.enabled and cfg.gate.open_angle == cfg.gate.closed_angle:
+        raise ConfigError(f"gate.closed_angle = {cfg.gate.closed_angle!r}: must differ from "
+                          f"gate.open_angle ({cfg.gate.open_angle!r}), or the gate never "
+                          "closes")
+
+
+def _check_sensor(sensor: SensorSection) -> None:
+    if sensor.type == "ultrasonic" and \
+            sensor.threshold_m + sensor.hysteresis_m >= sensor.max_distance_m:
         raise ConfigError("sensor.threshold_m + sensor.hysteresis_m must be below "
                           "sensor.max_distance_m")
+
+
+def _check_bin_id(bin_id: str) -> None:
+    # The id is one level of every topic (<prefix>/<id>/...) and part of the client id.
+    bad = (not bin_id or len(bin_id) > BIN_ID_MAX_CHARS
+           or any(ch in "/+#" or ch.isspace() or not ch.isprintable() for ch in bin_id))
+    if bad:
+        raise ConfigError(f"bin.id = {_show(bin_id)}: must be a single MQTT topic level: 1 to "
+                          f"{BIN_ID_MAX_CHARS} characters, no '/', '+', '#', spaces or "
+                          "control characters")
+
+
+def _check_mqtt(mqtt: MqttSection) -> None:
+    host = mqtt.host
+    if mqtt.enabled and not host:
+        raise ConfigError("mqtt.host = '': must name the broker when mqtt.enabled is true, "
+                          "e.g. \"localhost\"")
+    if any(ch in "/" or ch.isspace() or not ch.isprintable() for ch in host):
+        raise ConfigError(f"mqtt.host = {_show(host)}: must be a host name or IP address "
+                          "(no scheme such as mqtt://, no path, no spaces)")
+    for name in ("prefix", "discovery_prefix"):
+        value = getattr(mqtt, name)
+        if not value or any(ch in value for ch in "#+") or value.startswith("/") \
+                or value.endswith("/"):
+            raise ConfigError(f"mqtt.{name} = {_show(value)}: must be a topic path without "
+                              "wildcards or leading/trailing '/'")
+    if mqtt.tls and bool(mqtt.cert_file) != bool(mqtt.key_file):
+        raise ConfigError("mqtt.cert_file and mqtt.key_file go together")
+
+
+def _check_pins(cfg: Config) -> None:
     pins = {"sensor.pin": cfg.sensor.pin} if cfg.sensor.type != "ultrasonic" else {
         "sensor.trigger_pin": cfg.sensor.trigger_pin, "sensor.echo_pin": cfg.sensor.echo_pin}
     pins["flap.pin"] = cfg.flap.pin
@@ -343,6 +497,59 @@ def _cross_checks(cfg: Config) -> None:
         if pin in seen:
             raise ConfigError(f"{name} = {pin}: GPIO {pin} is already used by {seen[pin]}")
         seen[pin] = name
+    _check_crop(cfg.camera)
+
+
+CROP_KEYS = ("x", "y", "width", "height")
+MIN_CROP_PX = 16  # smaller regions hold too little of an item for any model input
+
+
+def _check_crop(camera: CameraSection) -> None:
+    crop = camera.crop
+    if not crop:
+        return
+    example = "e.g. { x = 40, y = 0, width = 224, height = 224 }"
+    if sorted(crop) != sorted(CROP_KEYS):
+        raise ConfigError(f"camera.crop needs exactly the keys {', '.join(CROP_KEYS)} (frame "
+                          f"pixels), {example}; got {', '.join(crop) or 'none'}")
+    for key in CROP_KEYS:
+        if crop[key] != int(crop[key]) or crop[key] < 0:
+            raise ConfigError(f"camera.crop.{key} = {crop[key]:g}: must be a whole number of "
+                              "pixels, 0 or more")
+    for size, offset, limit in (("width", "x", camera.width), ("height", "y", camera.height)):
+        if crop[size] < MIN_CROP_PX:
+            raise ConfigError(f"camera.crop.{size} = {crop[size]:g}: must be at least "
+                              f"{MIN_CROP_PX} pixels")
+        if crop[offset] + crop[size] > limit:
+            raise ConfigError(f"camera.crop: {offset} + {size} = {crop[offset] + crop[size]:g} "
+                              f"lies outside the {camera.width}x{camera.height} frame "
+                              f"(camera.{size} = {limit}); make the region smaller or move it")
+
+
+def _check_simulated(cfg: Config) -> None:
+    if cfg.camera.type != "simulated":
+        return
+    if cfg.hardware.pin_factory != "mock":
+        raise ConfigError(f"camera.type = 'simulated' needs hardware.pin_factory = 'mock' (the "
+                          f"simulated bin drives gpiozero's mock pins), not "
+                          f"{cfg.hardware.pin_factory!r}")
+    # An angle short of the simulated tip never lets the item slide: every item would jam.
+    rest, tip = cfg.flap.rest_angle, cfg.simulator.tip_deg
+    for b, a in cfg.flap.angles.items():
+        if abs(a - rest) < tip:
+            raise ConfigError(f"flap.angles.{b} = {a:g}: only {abs(a - rest):g} degrees from "
+                              f"flap.rest_angle ({rest:g}); the simulated item slides off at "
+                              f"simulator.tip_deg = {tip:g}: lower tip_deg or widen the angle")
+
+
+def _cross_checks(cfg: Config) -> None:
+    _check_flap(cfg.flap)
+    _check_timing(cfg)
+    _check_sensor(cfg.sensor)
+    _check_bin_id(cfg.bin.id)
+    _check_mqtt(cfg.mqtt)
+    _check_pins(cfg)
+    _check_simulated(cfg)
 
 
 def merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -370,6 +577,41 @@ def config_from_dict(data: Mapping[str, Any],
     return cfg
 
 
+def _show_path(p: Path) -> str:
+    text = str(p)
+    return text if text.isprintable() and len(text) <= PATH_MAX_BYTES else _show(text)
+
+
+def _read_toml(p: Path, name: str) -> dict[str, Any]:
+    try:
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{name}: no such configuration file") from exc
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # a NUL in the path
+        raise ConfigError(f"{name}: cannot read: {exc}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{name}: larger than {MAX_CONFIG_BYTES:,} bytes; not a "
+                          "configuration file")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: cannot read: not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name}: not valid TOML: {exc}") from exc
+    except ValueError as exc:
+        if "integer string conversion" not in str(exc):
+            raise ConfigError(f"{name}: not valid TOML: {exc}") from exc
+        # tomllib's int() of a number past Python's digit limit
+        raise ConfigError(f"{name}: not valid TOML: a number has more than "
+                          f"{sys.get_int_max_str_digits()} digits") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{name}: not valid TOML: arrays or tables nested too deep") from exc
+
+
 def load_config(path: str | Path | None,
                 overrides: Mapping[str, Any] | None = None) -> Config:
     """The configuration in `path` (the defaults when None), with `overrides` merged in
@@ -377,18 +619,12 @@ def load_config(path: str | Path | None,
     if path is None:
         return config_from_dict({}, overrides)
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{p}: no such configuration file") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    name = _show_path(p)
+    data = _read_toml(p, name)
     try:
         return config_from_dict(data, overrides)
     except ConfigError as exc:
-        raise ConfigError(f"{p}: {exc}") from exc
+        raise ConfigError(f"{name}: {exc}") from exc
 
 
 def reference() -> list[tuple[str, str, Any, str]]:

@@ -40,9 +40,23 @@ class SortEvent:
     error: str | None = None
     bin_confidence: float | None = None  # of the bin: the sum over its labels
     seq: int = 0
+    # The photo the decision was made on (None when the camera reports nothing): when its
+    # exposure started (Unix time) and how it was exposed, so drifting light can be traced.
+    frame_time: float | None = None
+    exposure_us: int | None = None
+    analogue_gain: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """How one camera frame was taken: what a camera that knows it reports after capture."""
+
+    time: float  # Unix time at which the frame's exposure started
+    exposure_us: int | None = None
+    analogue_gain: float | None = None
 
 
 @dataclass

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from bin_controller.domain import SortEvent
+from bin_controller.domain import FrameInfo, SortEvent
 from bin_controller.vision.bundle import Bundle
 from bin_controller.vision.classifier import Prediction
 
@@ -41,6 +41,26 @@ class Camera(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class DescribesFrames(Protocol):
+    """A camera that tells when and how its last frame was exposed (picamera2 does, from
+    the frame's metadata); the loop journals it with the item."""
+
+    @property
+    def last_frame(self) -> FrameInfo | None:
+        """The frame the last successful capture returned; None after a failed one."""
+        ...
+
+
+@runtime_checkable
+class Recalibrates(Protocol):
+    """A camera whose exposure is fixed once settled, and can be settled again."""
+
+    def recalibrate(self) -> dict[str, Any]:
+        """Settle exposure and white balance on the empty flap, fix them, report them."""
+        ...
 
 
 class ImageClassifier(Protocol):

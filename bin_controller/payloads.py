@@ -8,7 +8,9 @@ tests/test_mqtt_units.py). Topics are relative to the bin's base, `<prefix>/<bin
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TypeAlias
 
@@ -28,12 +30,22 @@ STATS = "stats"
 FAULT = "fault"
 COMMAND = "cmd"
 REPLY = "reply"
+OWNER = "owner"
 
 ONLINE = "online"
 OFFLINE = "offline"
 
 # Events are the only messages that must arrive (at least once); the outbox keeps them.
 EVENT_QOS = 1
+
+# Limits on JSON read from the broker (commands, retained messages the monitor shows).
+# Every message the bin sends or accepts is far below them; they keep a hostile message
+# from costing memory, time or the recursion limit.
+MAX_JSON_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 32  # commands need 2 levels, the bin's own messages 3
+# A number literal's length: Python refuses ints over 4,300 digits with a ValueError, and
+# nothing here needs more than a timestamp's 20 characters.
+MAX_NUMBER_CHARS = 100
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,64 @@ class OutboxMessage:
 def to_json(value: JsonValue) -> str:
     # ensure_ascii=False: labels are Chinese, and consumers read UTF-8.
     return json.dumps(value, ensure_ascii=False)
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `text`'s arrays and objects nest deeper than `limit` (brackets inside strings
+    do not count). Checked before json.loads, which raises RecursionError on a payload
+    nested 100,000 deep."""
+    skeleton = _STRING.sub("", text)
+    depth = 0
+    for bracket in _BRACKET.findall(skeleton):
+        depth += 1 if bracket in "[{" else -1
+        if depth > limit:
+            return True
+    return False
+
+
+def parse_json(raw: bytes, *, what: str = "payload") -> JsonValue:
+    """JSON from the broker, within the limits above; every failure is a ValueError whose
+    message starts with `what` and names the limit or the syntax error."""
+    if len(raw) > MAX_JSON_BYTES:
+        raise ValueError(f"{what} is {len(raw)} bytes; the limit is {MAX_JSON_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    if json_too_deep(text):
+        raise ValueError(f"{what} nests JSON more than {MAX_JSON_DEPTH} levels deep (the "
+                         "limit)")
+    try:
+        value: JsonValue = json.loads(text, parse_int=_number(int, what),
+                                      parse_float=_number(float, what),
+                                      parse_constant=_not_a_number(what))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} is not JSON: {exc}") from None
+    return value
+
+
+def _number(kind: type[int] | type[float], what: str) -> Callable[[str], int | float]:
+    def parse(literal: str) -> int | float:
+        if len(literal) > MAX_NUMBER_CHARS:
+            raise ValueError(f"{what} has a number of {len(literal)} characters; the limit "
+                             f"is {MAX_NUMBER_CHARS}")
+        value = kind(literal)
+        if not math.isfinite(value):  # 1e999 overflows to infinity
+            raise ValueError(f"{what} has the number {literal}, too large for a float")
+        return value
+
+    return parse
+
+
+def _not_a_number(what: str) -> Callable[[str], float]:
+    def refuse(literal: str) -> float:
+        raise ValueError(f"{what} has {literal}, which is not a JSON number")
+
+    return refuse
 
 
 def counts_topic(bin_name: str) -> str:
@@ -89,6 +159,11 @@ def state_payload(state: State, detail: str, status: Mapping[str, JsonValue]) ->
 
 def fault_payload(fault: Fault) -> str:
     return to_json({"kind": fault.kind, "detail": fault.detail, "time": fault.time})
+
+
+def owner_payload(token: str, host: str, pid: int, since: float) -> str:
+    """The retained claim on a bin id: which running service publishes for it."""
+    return to_json({"token": token, "host": host, "pid": pid, "since": since})
 
 
 def stats_report(*, uptime_s: float, cycle_ms_p50: float | None, cycle_ms_p95: float | None,

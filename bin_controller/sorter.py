@@ -19,9 +19,18 @@ import numpy as np
 
 from bin_controller.bins import BINS
 from bin_controller.config import Config
-from bin_controller.domain import Fault, SortEvent, State
+from bin_controller.domain import Fault, FrameInfo, SortEvent, State
 from bin_controller.errors import BusyError, CommandError
-from bin_controller.parts import Camera, Flap, Gate, ImageClassifier, PresenceSensor, Recorder
+from bin_controller.parts import (
+    Camera,
+    DescribesFrames,
+    Flap,
+    Gate,
+    ImageClassifier,
+    PresenceSensor,
+    Recalibrates,
+    Recorder,
+)
 from bin_controller.vision.classifier import Prediction
 
 log = logging.getLogger(__name__)
@@ -73,8 +82,18 @@ class SortingLoop:
         if self._thread is None or threading.current_thread() is self._thread:
             return fn()  # not running (or already on the loop's thread): nothing to race
         done: queue.Queue[tuple[T | None, BaseException | None]] = queue.Queue()
+        # Whether the call started decides what a timeout means: not started, it is withdrawn
+        # (the caller hears "busy" and it never happens behind its back); started, it is
+        # short (a flap move, a model swap) and its outcome is awaited and returned.
+        gate = threading.Lock()
+        started = cancelled = False
 
         def call() -> None:
+            nonlocal started
+            with gate:
+                if cancelled:
+                    return
+                started = True
             try:
                 done.put((fn(), None))
             except Exception as exc:  # reported to the caller, never kills the loop
@@ -84,7 +103,11 @@ class SortingLoop:
         try:
             value, error = done.get(timeout=timeout)
         except queue.Empty:
-            raise BusyError(f"the bin is busy ({self.state}); try again") from None
+            with gate:
+                cancelled = not started
+            if cancelled:
+                raise BusyError(f"the bin is busy ({self.state}); try again") from None
+            value, error = done.get()
         if error is not None:
             raise error
         return value  # type: ignore[return-value]  # None only when error is set
@@ -133,6 +156,22 @@ class SortingLoop:
             return old
 
         return self._submit(swap, timeout=120)
+
+    def recalibrate_camera(self) -> dict[str, Any]:
+        """Settle and fix the camera's exposure again (camera.exposure = "locked"), between
+        items and with the flap empty: the light it settles on is the empty, lit flap."""
+        camera = self.camera
+        if not isinstance(camera, Recalibrates):
+            raise CommandError(f"this camera ({type(camera).__name__}) has no exposure to "
+                               "recalibrate")
+
+        def settle() -> dict[str, Any]:
+            if self.state not in (State.IDLE, State.PAUSED) or self.sensor.present:
+                raise BusyError("an item is on the flap; recalibrate with the flap empty")
+            return camera.recalibrate()
+
+        cam = self.cfg.camera
+        return self._submit(settle, timeout=cam.warmup_s + cam.timeout_s + 10)
 
     def status(self) -> dict[str, Any]:
         bundle = self.classifier.bundle
@@ -243,6 +282,7 @@ class SortingLoop:
             self.gate.close_gate()
         self._set_state(State.CAPTURING)
         frame, error = self._attempt("camera", self.camera.capture)
+        shot = self._frame_info() if frame is not None else None
         prediction = None
         if frame is not None:
             self._set_state(State.CLASSIFYING)
@@ -265,6 +305,9 @@ class SortingLoop:
             model=bundle.name,
             model_version=bundle.version,
             error=error,
+            frame_time=shot.time if shot else None,
+            exposure_us=shot.exposure_us if shot else None,
+            analogue_gain=shot.analogue_gain if shot else None,
         )
         # Journalled as pending before the flap moves: a crash from here on is resolved
         # on restart by whether the item is still on the flap (see store.py).
@@ -304,6 +347,10 @@ class SortingLoop:
         if cfg.loop.cooldown_s > 0:
             self._set_state(State.COOLDOWN)
             self._wait(cfg.loop.cooldown_s)
+
+    def _frame_info(self) -> FrameInfo | None:
+        camera = self.camera
+        return camera.last_frame if isinstance(camera, DescribesFrames) else None
 
     def _emit(self, event: SortEvent) -> None:
         for cb in self.on_event:

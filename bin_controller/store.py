@@ -133,6 +133,22 @@ class _Held:
     counted: bool = True  # False once a reset zeroed the counts it was part of
 
 
+def add_missing_columns(db: sqlite3.Connection) -> list[str]:
+    """Bring a database written by an older smartbin up to SortEvent's fields: CREATE TABLE
+    IF NOT EXISTS leaves old tables as they were, so a field added since (the frame's time
+    and exposure) gets its column here; old rows read back as None, its default."""
+    added = []
+    for table in ("journal", "pending"):
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for name in EVENT_FIELDS:
+            if name not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name}")
+                added.append(f"{table}.{name}")
+    if added:
+        log.info("count database: added column(s) %s", ", ".join(added))
+    return added
+
+
 class Store:
     """Thread-safe; every write is one transaction with the configured durability."""
 
@@ -224,13 +240,15 @@ class Store:
         keys = {r[0] for r in db.execute("SELECT key FROM meta")} if "meta" in tables else set()
         bins = {r[0] for r in db.execute("SELECT bin FROM counts")} if "counts" in tables \
             else set()
-        if tables >= TABLES and {"schema", "seq", "db_id"} <= keys and set(BINS) <= bins:
+        if (tables >= TABLES and {"schema", "seq", "db_id"} <= keys and set(BINS) <= bins
+                and not _missing_columns(db)):
             return
         db.execute("BEGIN IMMEDIATE")
         try:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            add_missing_columns(db)
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             db.execute("INSERT OR IGNORE INTO meta VALUES ('seq', '0')")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('db_id', ?)", (uuid.uuid4().hex,))
@@ -707,6 +725,11 @@ class Store:
 def _delete_pending(pending_id: int | None, c: sqlite3.Connection) -> bool:
     c.execute("DELETE FROM pending WHERE id=?", (pending_id,))
     return True
+
+
+def _missing_columns(db: sqlite3.Connection) -> bool:
+    return any(set(EVENT_FIELDS) - {row[1] for row in db.execute(f"PRAGMA table_info({t})")}
+               for t in ("journal", "pending"))
 
 
 def _blank(db: sqlite3.Connection) -> bool:

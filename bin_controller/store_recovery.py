@@ -352,17 +352,25 @@ def salvage(path: Path) -> Salvage:
     try:
         _salvage_meta(db, out)
         _salvage_counts(db, out)
-        cols = ", ".join(EVENT_FIELDS)
-        journal = _rows(db, f"SELECT seq, {cols} FROM journal", out)
+        journal = _rows(db, f"SELECT seq, {_columns(db, 'journal')} FROM journal", out)
         out.journal = sorted((r for r in journal if _count(r[0]) and valid_event(r[1:])),
                              key=lambda r: int(r[0]))
-        out.pending = [r[1:] for r in _rows(db, f"SELECT id, {cols} FROM pending", out)
-                       if valid_event(r[1:])]
+        out.pending = [r[1:] for r in _rows(db, f"SELECT id, {_columns(db, 'pending')} "
+                                                "FROM pending", out) if valid_event(r[1:])]
         out.outbox = [r[1:] for r in _rows(db, "SELECT id, topic, payload, qos, created "
                                               "FROM outbox", out) if _valid_message(r[1:])]
     finally:
         db.close()
     return out
+
+
+def _columns(db: sqlite3.Connection, table: str) -> str:
+    """EVENT_FIELDS as a select list, NULL for those a file from an older smartbin lacks."""
+    try:
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    except (sqlite3.Error, ValueError):
+        have = set(EVENT_FIELDS)
+    return ", ".join(name if name in have else "NULL" for name in EVENT_FIELDS)
 
 
 def _rows(db: sqlite3.Connection, sql: str, out: Salvage) -> list[tuple[Any, ...]]:

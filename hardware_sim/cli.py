@@ -7,11 +7,13 @@ import json
 import logging
 import sys
 import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bin_controller.bins import BINS
+from bin_controller.cli import MAX_SEED, name_or_path, number, path_arg, quote, whole
 from bin_controller.config import load_config, merge
 from bin_controller.errors import SmartbinError
 from bin_controller.overrides import cli_overrides
@@ -23,45 +25,92 @@ if TYPE_CHECKING:
     from bin_controller.cli import CommandTables
 
 
-def _item_numbers(text: str | None) -> set[int]:
-    return {int(x) for x in text.split(",") if x.strip()} if text else set()
+# A slow classifier for one item is a delay of seconds; hours would only hang the run.
+MAX_SLOW_S = 600.0
+# What the simulated operator leaves a jam for, and the bin's jam time in a run with jams
+# (not the bin's 4 s), unless the config's flap times need longer.
+JAM_S = 1.0
 
 
-def _pairs(text: str | None, kind) -> dict[int, float]:
-    out = {}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        n, _, value = part.partition(":")
-        out[int(n)] = kind(value) if value else kind(1)
-    return out
+def item_numbers(text: str) -> set[int]:
+    """An argparse type: 1-based item numbers, e.g. 3,7."""
+    parse = whole(1)
+    try:
+        numbers = {parse(part) for part in text.split(",") if part.strip()}
+    except argparse.ArgumentTypeError:
+        numbers = set()
+    if not numbers:
+        raise argparse.ArgumentTypeError(
+            f"expected item numbers such as 3,7 (each 1 or more), not {quote(text)}")
+    return numbers
+
+
+def item_pairs(what: str, parse_value: Callable[[str], float], default: float,
+               example: str, allowed: str) -> Callable[[str], dict[int, float]]:
+    """An argparse type: ITEM[:VALUE],... with VALUE read by `parse_value`."""
+    parse_item = whole(1)
+
+    def parse(text: str) -> dict[int, float]:
+        out: dict[int, float] = {}
+        try:
+            for part in text.split(","):
+                if part.strip():
+                    n, colon, value = part.partition(":")
+                    out[parse_item(n)] = parse_value(value) if colon else default
+        except argparse.ArgumentTypeError:
+            out = {}
+        if not out:
+            raise argparse.ArgumentTypeError(
+                f"expected ITEM[:{what}],... such as {example} (item 1 or more, {allowed}), "
+                f"not {quote(text)}")
+        return out
+    return parse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="TOML configuration (default: built-in)")
-    p.add_argument("--model", help="model bundle (default: the config's, i.e. demo)")
-    p.add_argument("--backbone", help="local file or folder for a downloadable backbone")
-    p.add_argument("--images", type=Path,
+    p.add_argument("--config", type=path_arg, help="TOML configuration (default: built-in)")
+    p.add_argument("--model", type=name_or_path,
+                   help="model bundle (default: the config's, i.e. demo)")
+    p.add_argument("--backbone", type=name_or_path,
+                   help="local file or folder for a downloadable backbone")
+    p.add_argument("--images", type=path_arg,
                    help="folder of class subfolders to photograph (default: generated items)")
-    p.add_argument("--bin-map", type=Path,
+    p.add_argument("--bin-map", type=path_arg,
                    help="JSON class -> bin for --images (default: from <bin>_<item> names)")
-    p.add_argument("--items", type=int, default=20, help="how many items to drop (default 20)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--items", type=whole(1), default=20,
+                   help="how many items to drop (default 20)")
+    p.add_argument("--seed", type=whole(0, MAX_SEED), default=0)
     p.add_argument("--fast", action="store_true", help="no mechanical delays")
-    p.add_argument("--report", type=Path, help="write a JSON report here")
-    p.add_argument("--jam", help="item numbers that jam, e.g. 3,7")
-    p.add_argument("--camera-fail", help="ITEM[:FAILURES],... failed captures for an item")
-    p.add_argument("--slow", help="ITEM[:SECONDS],... a slow classifier for an item")
-    p.add_argument("--double-drop", help="item numbers followed by a second item mid-sort")
+    p.add_argument("--report", type=path_arg, help="write a JSON report here")
+    p.add_argument("--jam", type=item_numbers, default=set(),
+                   help="item numbers that jam, e.g. 3,7")
+    p.add_argument("--camera-fail", default={}, help="ITEM[:FAILURES],... failed captures for "
+                   "an item", type=item_pairs("FAILURES", whole(1), 1, "5:3",
+                                              "failures 1 or more"))
+    p.add_argument("--slow", default={}, help="ITEM[:SECONDS],... a slow classifier for an item",
+                   type=item_pairs("SECONDS", number(0, MAX_SLOW_S), 1.0, "6:0.5",
+                                   f"seconds from 0 to {MAX_SLOW_S:g}"))
+    p.add_argument("--double-drop", type=item_numbers, default=set(),
+                   help="item numbers followed by a second item mid-sort")
     p.add_argument("--quiet", action="store_true", help="only the summary")
     p.add_argument("--mqtt", metavar="HOST[:PORT]", help="publish to this MQTT broker")
     p.add_argument("--bin-id", help="bin id in topics (default: the host name)")
-    p.add_argument("--state-dir", type=Path,
+    p.add_argument("--state-dir", type=path_arg,
                    help="count database folder (default: a fresh temporary folder)")
-    p.add_argument("--pace", type=float, default=0.0,
+    p.add_argument("--pace", type=number(0, 3600), default=0.0,
                    help="seconds between one item landing and the next drop")
-    p.add_argument("--drain-s", type=float, default=30.0,
+    p.add_argument("--drain-s", type=number(0, 3600), default=30.0,
                    help="at the end, wait up to this long for the broker to take every event")
+
+
+def _check_item_numbers(args: argparse.Namespace) -> None:
+    """Item numbers past --items would silently do nothing."""
+    for option, numbers in (("--jam", args.jam), ("--camera-fail", args.camera_fail),
+                            ("--slow", args.slow), ("--double-drop", args.double_drop)):
+        beyond = sorted(n for n in numbers if n > args.items)
+        if beyond:
+            raise SmartbinError(f"{option}: item {beyond[0]} is past the last item "
+                                f"(--items {args.items})")
 
 
 def _line(item: SimItem) -> str:
@@ -85,26 +134,29 @@ def _line(item: SimItem) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.items < 1:
-        raise SmartbinError("--items must be 1 or more")
+    _check_item_numbers(args)
     faults = Faults(
-        jam=_item_numbers(args.jam),
-        camera_fail={k: int(v) for k, v in _pairs(args.camera_fail, int).items()},
-        slow_classifier_s=_pairs(args.slow, float),
-        double_drop=_item_numbers(args.double_drop),
+        jam=set(args.jam),
+        camera_fail={k: int(v) for k, v in args.camera_fail.items()},
+        slow_classifier_s=dict(args.slow),
+        double_drop=set(args.double_drop),
     )
     on_item = None if args.quiet else (lambda item: print(_line(item), flush=True))
     with ExitStack() as stack:
         state_dir = args.state_dir or Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="smartbin-sim-")))
         overrides = merge(cli_overrides(args), {"bin": {"state_dir": str(state_dir)}})
+        cfg = load_config(args.config, overrides)
         if faults.jam:
-            # The operator clears a jam after half a second: do not wait the bin's 4 s.
-            overrides = merge(overrides, {"sensor": {"jam_s": 1.0}})
+            # The operator clears a jam after half a second: do not wait the bin's 4 s,
+            # but no less than the flap's tip (the config check requires more).
+            tip_s = cfg.flap.move_s + cfg.flap.hold_s
+            jam_s = JAM_S if tip_s < JAM_S else round(tip_s + JAM_S / 2, 3)
+            cfg = cfg.with_overrides({"sensor": {"jam_s": jam_s}})
         # With a kept state folder the simulated world is kept beside the counts, so a
         # killed and restarted run finds items where they were.
         world = state_dir / "sim-world" if args.state_dir else None
-        cfg = sim_config(load_config(args.config, overrides), args.fast, world)
+        cfg = sim_config(cfg, args.fast, world)
         if args.images:
             source: FolderSource | GeneratedSource = FolderSource(
                 args.images, args.bin_map, args.seed, (cfg.camera.width, cfg.camera.height))
@@ -156,15 +208,16 @@ def register(tables: CommandTables) -> None:
     p.set_defaults(func=_simulate)
     b = tables.bench.add_parser("cycle", help="sensor edge to servo command, fast simulator")
     tables.add_model_options(b)
-    b.add_argument("--config", type=Path)
-    b.add_argument("--items", type=int, default=200)
-    b.add_argument("--images", type=Path, help="folder of class subfolders (default: generated)")
-    b.add_argument("--bin-map", type=Path)
+    b.add_argument("--config", type=path_arg)
+    b.add_argument("--items", type=whole(1), default=200)
+    b.add_argument("--images", type=path_arg,
+                   help="folder of class subfolders (default: generated)")
+    b.add_argument("--bin-map", type=path_arg)
     b.set_defaults(func=_bench_cycle)
     b = tables.bench.add_parser("idle", help="CPU use of the idle service")
     tables.add_model_options(b)
-    b.add_argument("--config", type=Path)
-    b.add_argument("--seconds", type=float, default=30.0)
+    b.add_argument("--config", type=path_arg)
+    b.add_argument("--seconds", type=number(0, above=True), default=30.0)
     b.set_defaults(func=_bench_idle)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from gpiozero.pins.mock import MockFactory, MockPWMPin, MockTriggerPin
 
 from bin_controller.config import Config, SimulatorSection
+from hardware_sim.items import FRAME
 
 SPEED_OF_SOUND = 343.0
 
@@ -360,14 +361,25 @@ class SimBin:
             self.pin_factory.close()
 
 
+def empty_flap(size: int = FRAME, seed: int = 0) -> np.ndarray:
+    """The flap with nothing on it, as the simulated camera sees it: the dark floor of the
+    chute that the items are drawn on (hardware_sim.items.render), lit a little unevenly."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(-12, 12, size)[None, :, None]
+    floor = 80 + ramp + rng.normal(0, 6, (size, size, 3))
+    return np.clip(floor, 0, 255).astype(np.uint8)
+
+
 class SimCamera:
-    """Photographs whatever lies on the flap; can be told to fail."""
+    """Photographs whatever lies on the flap (the empty flap when nothing does); can be told
+    to fail."""
 
     def __init__(self, sim: SimBin, *, fail_next: int = 0, hang_s: float = 0.0) -> None:
         self.sim = sim
         self.fail_next = fail_next
         self.hang_s = hang_s
-        self.captures = 0
+        self.captures = 0  # photos of an item
+        self._empty = empty_flap()
 
     def capture(self) -> np.ndarray:
         from bin_controller.errors import CameraError
@@ -379,7 +391,9 @@ class SimCamera:
             raise CameraError("simulated camera failure")
         with self.sim._lock:
             if not self.sim.platform:
-                raise CameraError("nothing in view")
+                # The loop only captures when an item is present; aiming and checking tools
+                # photograph the empty flap.
+                return self._empty.copy()
             item = self.sim.platform[0]
         self.captures += 1
         return item.image

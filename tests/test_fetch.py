@@ -18,14 +18,21 @@ from tests.helpers import imagenet_bundle
 
 
 class _Server:
-    def __init__(self, files: dict[str, bytes]) -> None:
+    def __init__(self, files: dict[str, bytes], redirects: dict[str, str] | None = None) -> None:
         self.files = files
+        self.redirects = redirects or {}
         self.hits: list[str] = []
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 outer.hits.append(self.path)
+                if self.path in outer.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", outer.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = outer.files.get(self.path)
                 if body is None:
                     self.send_error(404)
@@ -73,6 +80,12 @@ def server(mobilenet_file):
 @pytest.fixture
 def online(monkeypatch):
     monkeypatch.delenv("SMARTBIN_OFFLINE", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _local_http(monkeypatch):
+    """The test server speaks plain http, which smartbin refuses unless told otherwise."""
+    monkeypatch.setenv("SMARTBIN_ALLOW_HTTP", "1")
 
 
 def _remote(url: str) -> fetch.RemoteFile:
@@ -140,3 +153,65 @@ def test_damaged_cache_entry_is_replaced(server, online):
     cached.write_bytes(b"half a file")
     data = fetch.resolve(_remote(server.url + "/models/mobilenet_v2_1.0_224_quant.tgz"))
     assert Path(cached).read_bytes() == data
+
+
+# ------------------------------------------------------------------ what a manifest may name
+
+
+def test_plain_http_needs_the_explicit_option(server, online, monkeypatch):
+    monkeypatch.delenv("SMARTBIN_ALLOW_HTTP")
+    with pytest.raises(BundleError, match=r"https:// URL, not http:// .*SMARTBIN_ALLOW_HTTP=1"):
+        fetch.resolve(_remote(server.url + "/models/mobilenet_v2_1.0_224_quant.tgz"))
+    assert server.hits == []
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x.tgz",
+                                 "/srv/models/x.tgz", "data:,hello", "https:///x.tgz",
+                                 "https://host/a b.tgz", "https://h\x00st/x.tgz"])
+def test_other_schemes_and_malformed_urls_are_refused(online, url):
+    with pytest.raises(BundleError, match="model url"):
+        fetch.resolve(_remote(url))
+    with pytest.raises(BundleError, match="model URL"):
+        fetch.fetch_bytes(_remote(url))
+
+
+def test_a_redirect_is_held_to_the_same_rules(online):
+    # urllib alone would follow this to ftp; the redirect must be a URL a manifest may name.
+    s = _Server({}, redirects={"/x.tgz": "ftp://127.0.0.1:9/x.tgz"})
+    try:
+        with pytest.raises(BundleError, match=r"redirected to ftp://127\.0\.0\.1:9/x\.tgz"):
+            fetch.resolve(_remote(s.url + "/x.tgz"))
+        assert s.hits == ["/x.tgz"]
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("member", ["../../escape.tflite", "sub/escape.tflite", "..", "",
+                                    "/tmp/escape.tflite", "x\x00.tflite", "e" * 300])
+def test_member_cannot_leave_the_cache_folder(online, tmp_path, member):
+    data = b"model bytes"
+    s = _Server({"/escape.tflite": data})
+    remote = fetch.RemoteFile(s.url + "/escape.tflite", fetch.sha256_bytes(data),
+                              member.replace("/tmp", str(tmp_path)))
+    try:
+        with pytest.raises(BundleError, match="model member"):
+            fetch.resolve(remote)
+        assert s.hits == []  # refused before anything was fetched or written
+    finally:
+        s.close()
+    cache = fetch.cache_dir()
+    for where in (cache.parent, cache.parent.parent, tmp_path):
+        assert not (where / "escape.tflite").exists()
+
+
+def test_a_non_hex_sha256_cannot_name_a_cache_folder(online):
+    remote = fetch.RemoteFile("https://example.invalid/x.tgz", "../../" + "a" * 58,
+                              MOBILENET_MEMBER)
+    with pytest.raises(BundleError, match="64 hex digits"):
+        fetch.resolve(remote)
+
+
+def test_a_damaged_archive_is_one_line(server, online):
+    server.files["/models/cut.tgz"] = server.files["/models/broken.tgz"][:40]
+    with pytest.raises(BundleError, match=r"cut\.tgz is not a readable \.tgz archive"):
+        fetch.resolve(_remote(server.url + "/models/cut.tgz"))

@@ -147,7 +147,8 @@ class SpyRecorder(MemoryRecorder):
 class Rig:
     def __init__(self, *answers: Prediction | Exception, camera_failures: int = 0,
                  with_gate: bool = False, **config: dict) -> None:
-        base = {"sensor": {"settle_s": 0.0, "jam_s": 0.1}, "loop": {"cooldown_s": 0.0}}
+        base = {"sensor": {"settle_s": 0.0, "jam_s": 0.1}, "loop": {"cooldown_s": 0.0},
+                "flap": {"move_s": 0.0, "hold_s": 0.0}}
         for section, values in config.items():
             base[section] = {**base.get(section, {}), **values}
         self.cfg = config_from_dict(base)
@@ -287,3 +288,15 @@ def test_calibrate_refuses_while_an_item_is_being_sorted():
     rig.loop.state = State.SORTING
     with pytest.raises(BusyError):
         rig.loop.calibrate(angle=10)
+
+
+def test_a_command_answered_busy_never_happens_later():
+    import threading
+
+    rig = Rig()
+    rig.loop._thread = threading.Thread()  # turning elsewhere and not taking commands
+    moved: list[int] = []
+    with pytest.raises(BusyError):
+        rig.loop._submit(lambda: moved.append(1), timeout=0.05)
+    rig.loop.step()  # the loop takes its queued commands now
+    assert moved == []

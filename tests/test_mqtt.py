@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -300,3 +301,207 @@ def test_stats_are_published_periodically(running_bin):
             "backend", "outbox"} <= set(stats)
     assert stats["model"] == "demo" and stats["backend"] == "litert"
     listener.close()
+
+
+# ---------------------------------------------------------------------- hardening
+
+
+def burst(n: int) -> list[tuple[str, bytes]]:
+    """A mix of slow, quick and malformed commands, each with its own id."""
+    kinds = [("reload_model", {"bundle": "demo"}), ("calibrate", {"bin": "other"}),
+             ("sort_next", {"bin": "kitchen"}), ("reset_counts", {"confirm": "no"}),
+             ("explode", {}), ("reload_model", {"bundle": "../etc"}),
+             ("calibrate", {"angle": "x"})]
+    out = []
+    for i in range(n):
+        name, args = kinds[i % len(kinds)]
+        out.append((name, json.dumps({**args, "id": i}).encode()))
+    out[5] = ("sort_next", b"[" * 30_000 + b"]" * 30_000)
+    out[6] = ("calibrate", b'{"angle": ' + b"9" * 5000 + b"}")
+    return out
+
+
+def test_a_pause_after_a_burst_of_1000_commands_is_answered_ahead_of_them(running_bin):
+    import paho.mqtt.client as mqtt
+
+    b = running_bin
+    b.loop.flap.cfg = dataclasses.replace(b.loop.flap.cfg, move_s=0.05)  # a real servo's pace
+    replies = Listener(b.port, topic="smartbin/t1/reply/#", client_id="replies")
+    assert replies.wait_for(lambda li: li.client.is_connected(), timeout=10)
+    sender = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+    sender.max_inflight_messages_set(100)
+    sender.connect("127.0.0.1", b.port)
+    sender.loop_start()
+    try:
+        commands = burst(1000)
+        infos = [sender.publish(f"smartbin/t1/cmd/{name}", payload, qos=1)
+                 for name, payload in commands]
+        pause = sender.publish("smartbin/t1/cmd/pause", '{"id": "p"}', qos=1)
+        for info in [*infos, pause]:
+            info.wait_for_publish(30)
+
+        def pause_reply(li):
+            return [i for i, (_, p, _) in enumerate(li.messages) if b'"id": "p"' in p]
+
+        assert replies.wait_for(pause_reply, timeout=10), "no reply to the pause"
+        assert b.loop.status()["paused"]
+        # Every command is answered in the end, refused or run: exactly once each.
+        assert replies.wait_for(lambda li: len(li.messages) >= 1001, timeout=120), \
+            len(replies.messages)
+        got = [json.loads(p) for _, p, _ in replies.messages]
+        assert sorted(str(r.get("id")) for r in got) == sorted(
+            [str(i) for i in range(1000) if i not in (5, 6)] + ["None", "None", "p"])
+        refused = [r for r in got if "queue full" in r.get("error", "")]
+        ran = [i for i, r in enumerate(got) if r["command"] in ("reload_model", "calibrate")
+               and "queue full" not in r.get("error", "")]
+        assert refused and ran
+        assert pause_reply(replies)[0] < ran[-1]  # the pause went ahead of slow work
+        assert {r["error"] for r in got if r.get("id") in (None,)} == {
+            "payload nests JSON more than 32 levels deep (the limit)",
+            "payload has a number of 5000 characters; the limit is 100"}
+        # The command thread is alive and well.
+        assert b.cmd("resume", '{"id": "r"}') == {"ok": True, "paused": False,
+                                                  "command": "resume", "id": "r"}
+        assert b.cmd("sort_next", '{"bin": "other"}')["ok"]
+    finally:
+        sender.loop_stop()
+        sender.disconnect()
+        replies.close()
+
+
+def test_reload_model_loads_bundles_by_name_only(running_bin, tmp_path):
+    b = running_bin
+    outside = tmp_path / "elsewhere" / "demo2"
+    outside.parent.mkdir()
+    import shutil
+
+    from bin_controller.vision.bundle import SHIPPED_MODELS
+
+    shutil.copytree(SHIPPED_MODELS / "demo", outside)
+    for ref in (str(outside), "../elsewhere/demo2", "x" * 300, ".demo", "demo\\x"):
+        r = b.cmd("reload_model", json.dumps({"bundle": ref}))
+        assert not r["ok"] and ("not a bundle name" in r["error"]
+                                or "the limit is 100" in r["error"]), r
+    assert b.loop.classifier.bundle.name == "demo"
+    assert b.cmd("reload_model", '{"bundle": "demo"}')["ok"]
+
+
+def two_telemetries(port, tmp_path, bin_id="dup"):
+    from bin_controller.mqtt.telemetry import Telemetry
+    from bin_controller.store import Store
+
+    out = []
+    for name in ("a", "b"):
+        store = Store(tmp_path / name)
+        t = Telemetry(mqtt_cfg(port, bin_id=bin_id, discovery=False).mqtt, bin_id=bin_id,
+                      store=store)
+        out.append((t, store))
+    return out
+
+
+def test_two_services_with_one_bin_id_report_a_fault(broker, tmp_path, caplog):
+    import logging
+
+    faults = Listener(broker.port, topic="smartbin/dup/fault", client_id="faults")
+    pair = two_telemetries(broker.port, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        for t, _ in pair:
+            t.start()
+        try:
+            assert faults.wait_for(lambda li: li.messages, timeout=30), \
+                "no duplicate_bin_id fault"
+        finally:
+            for t, store in pair:
+                t.stop()
+                store.close()
+    fault = json.loads(faults.messages[0][1])
+    assert fault["kind"] == "duplicate_bin_id"
+    assert "bin.id 'dup'" in fault["detail"] and "give each bin its own bin.id" in \
+        fault["detail"]
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("duplicate_bin_id" in m and "'dup'" in m for m in logged), logged
+    faults.close()
+
+
+def test_a_restarted_service_is_not_its_own_duplicate(broker, tmp_path, caplog):
+    """The claim a previous run left (retained) is seen once: no fault, even after a
+    reconnect within the minute."""
+    import logging
+    import time
+
+    from bin_controller.mqtt.telemetry import Telemetry
+    from bin_controller.store import Store
+
+    faults = Listener(broker.port, topic="smartbin/solo/fault", client_id="faults")
+    owner = Listener(broker.port, topic="smartbin/solo/owner", client_id="owner")
+    store = Store(tmp_path / "s")
+    cfg = mqtt_cfg(broker.port, bin_id="solo", discovery=False).mqtt
+    first = Telemetry(cfg, bin_id="solo", store=store)
+    first.start()
+    assert owner.wait_for(lambda li: li.messages)
+    first.stop()
+    with caplog.at_level(logging.WARNING):
+        second = Telemetry(cfg, bin_id="solo", store=store)
+        second.start()
+        try:
+            assert second.connected.wait(10)
+            assert owner.wait_for(lambda li: len(li.messages) >= 2)
+            broker.stop()
+            broker.start()  # the retained claim (now the second run's) survives
+            assert owner.wait_for(lambda li: len(li.messages) >= 3, timeout=30)
+            time.sleep(1)  # the claim read back after the reconnect is handled
+        finally:
+            second.stop()
+            store.close()
+    tokens = [json.loads(p)["token"] for _, p, _ in owner.messages]
+    assert tokens[0] != tokens[1] == tokens[-1]
+    assert faults.messages == []
+    assert not [r for r in caplog.records if "duplicate_bin_id" in r.getMessage()]
+    faults.close()
+    owner.close()
+
+
+def test_an_unreachable_broker_is_logged_once_and_its_return_too(broker, tmp_path, caplog):
+    import logging
+    import time
+
+    from bin_controller.mqtt.telemetry import Telemetry
+    from bin_controller.store import Store
+
+    broker.stop()
+    store = Store(tmp_path / "s")
+    t = Telemetry(mqtt_cfg(broker.port, discovery=False).mqtt, bin_id="t1", store=store)
+    with caplog.at_level(logging.DEBUG, logger="bin_controller"):
+        t.start()
+        try:
+            time.sleep(4)  # a few retries
+            broker.start()
+            assert t.connected.wait(60)
+        finally:
+            t.stop()
+            store.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+                and r.name.startswith("bin_controller.mqtt")]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(f"MQTT broker 127.0.0.1:{broker.port} unreachable "
+                                  "(Connection refused)")
+    assert warnings[1].startswith(f"MQTT connected to 127.0.0.1:{broker.port} after ")
+    retries = [r for r in caplog.records if "still unreachable" in r.getMessage()]
+    assert retries and all(r.levelno == logging.DEBUG for r in retries)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["run", "--mqtt", ":1883"], "--mqtt ':1883': the host is empty"),
+    (["simulate", "--items", "1", "--mqtt", "localhost:abc"],
+     "--mqtt 'localhost:abc': the port must be a number from 1 to 65535"),
+    (["monitor", "--host", "[::1", "--seconds", "1"], "--host '[::1': unclosed or misplaced"),
+    (["monitor", "--bin-id", "a/b", "--seconds", "1"], "--bin-id 'a/b': must be one MQTT"),
+])
+def test_broker_address_mistakes_are_one_line(args, message, tmp_path):
+    from tests.test_cli import smartbin
+
+    r = smartbin(*args, "--state-dir", str(tmp_path)) if args[0] == "simulate" \
+        else smartbin(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.startswith(f"smartbin: error: {message}") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -7,22 +7,27 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from bin_controller import __version__
 from bin_controller.bins import BINS
 from bin_controller.config import config_from_dict
 from bin_controller.domain import Fault, SortEvent, State
-from bin_controller.errors import BundleError, BusyError, CommandError
+from bin_controller.errors import BundleError, BusyError, CommandError, ConfigError
 from bin_controller.mqtt.commands import Commands, make_handlers, parse_args
-from bin_controller.mqtt.connection import Connection
+from bin_controller.mqtt.connection import Connection, parse_host
 from bin_controller.mqtt.discovery import discovery_payloads, node_id, status_topic
 from bin_controller.mqtt.outbox import OutboxPublisher
+from bin_controller.mqtt.owner import OwnerClaim
 from bin_controller.payloads import (
     bin_count_payloads,
     counts_payload,
@@ -56,7 +61,8 @@ def test_event_message_bytes():
         '{"time": 1700000000.25, "bin": "kitchen", "label": "苹果", "label_en": "apple", '
         '"confidence": 0.875, "uncertain": false, "failed": false, "forced": true, '
         '"cycle_ms": 123.5, "decision_ms": 45.25, "model": "demo", "model_version": "1", '
-        '"error": null, "bin_confidence": 0.9, "seq": 1}')
+        '"error": null, "bin_confidence": 0.9, "seq": 1, "frame_time": null, '
+        '"exposure_us": null, "analogue_gain": null}')
 
 
 def test_retained_payload_bytes():
@@ -347,6 +353,12 @@ class FakeLoop:
         old, self.classifier = self.classifier, classifier
         return old
 
+    def recalibrate_camera(self) -> dict:
+        if self.busy:
+            raise BusyError("an item is on the flap; recalibrate with the flap empty")
+        self.calls.append(("recalibrate_camera", None))
+        return {"exposure_us": 8000, "analogue_gain": 1.5, "colour_gains": [1.9, 1.4]}
+
 
 class FakeCounts:
     def __init__(self) -> None:
@@ -358,16 +370,20 @@ class FakeCounts:
 
 
 @pytest.fixture
-def bin_():
+def bin_(tmp_path):
     loop, counts, changed = FakeLoop(), FakeCounts(), []
-    cfg = config_from_dict({})
+    models = tmp_path / "models"
+    for name in ("broken", "trashnet"):  # trashnet is shipped too: the models folder wins
+        (models / name).mkdir(parents=True)
+        (models / name / "manifest.json").write_text("{}")
+    cfg = config_from_dict({"model": {"dir": str(models)}})
     asked = []
 
     def load_classifier(bundle):
         asked.append(bundle)
-        if bundle == "broken":
+        if Path(bundle).name == "broken":
             raise BundleError("model/broken/manifest.json: has no trained weights yet")
-        return SimpleNamespace(bundle=SimpleNamespace(name=bundle, version="2"))
+        return SimpleNamespace(bundle=SimpleNamespace(name=Path(bundle).name, version="2"))
 
     handlers = make_handlers(cfg, loop, counts, lambda: changed.append(1),
                              load_classifier=load_classifier)
@@ -391,7 +407,7 @@ def test_well_formed_commands_reach_the_loop(bin_):
 @pytest.mark.parametrize(("name", "payload", "message"), [
     ("explode", b"{}", "unknown command 'explode'; commands: pause, resume"),
     ("pause", b"{not json", "payload is not JSON"),
-    ("pause", b"\xff\xfe", "payload is not JSON"),
+    ("pause", b"\xff\xfe", "payload is not UTF-8 text (byte 0"),
     ("pause", b'["x"]', "payload must be a JSON object"),
     ("sort_next", b'"other"', "payload must be a JSON object"),
     ("pause", b"3", "payload must be a JSON object"),
@@ -407,9 +423,27 @@ def test_well_formed_commands_reach_the_loop(bin_):
     ("calibrate", b'{"angle": true}', "angle must be a number"),
     ("calibrate", b'{"angle": "30"}', "angle must be a number"),
     ("calibrate", b'{"angle": 500}', "angle must be within"),
-    ("calibrate", b'{"angle": NaN}', "angle must be within"),
-    ("reload_model", b'{"bundle": ""}', "bundle must be a bundle name or folder"),
-    ("reload_model", b'{"bundle": 3}', "bundle must be a bundle name or folder"),
+    ("calibrate", b'{"angle": NaN}', "payload has NaN, which is not a JSON number"),
+    ("calibrate", b'{"angle": -Infinity}', "payload has -Infinity, which is not a JSON number"),
+    ("calibrate", b'{"angle": 1e999}', "payload has the number 1e999, too large for a float"),
+    ("calibrate", b'{"angle": ' + b"9" * 5000 + b"}",
+     "payload has a number of 5000 characters; the limit is 100"),
+    ("sort_next", b"[" * 100_000 + b"]" * 100_000, "payload is 200000 bytes; the limit is 65536"),
+    ("sort_next", b"[" * 30_000 + b"]" * 30_000,
+     "payload nests JSON more than 32 levels deep (the limit)"),
+    ("sort_next", b'{"bin": "other", "id": ' + b"[" * 40 + b"]" * 40 + b"}",
+     "payload nests JSON more than 32 levels deep"),
+    ("pause", b" " * 70_000, "payload is 70000 bytes; the limit is 65536 bytes"),
+    ("reload_model", b'{"bundle": ""}', "bundle must be a bundle name (a folder in the models"),
+    ("reload_model", b'{"bundle": 3}', "bundle must be a bundle name"),
+    ("reload_model", b'{"bundle": "../demo"}', "bundle '../demo' is not a bundle name: give"),
+    ("reload_model", b'{"bundle": "/tmp/evil"}', "not a bundle name"),
+    ("reload_model", b'{"bundle": "a\\\\b"}', "not a bundle name"),
+    ("reload_model", b'{"bundle": "demo\\u0000"}', "not a bundle name"),
+    ("reload_model", b'{"bundle": ".hidden"}', "not a bundle name"),
+    ("reload_model", b'{"bundle": "a..b"}', "not a bundle name"),
+    ("reload_model", b'{"bundle": "' + b"x" * 300 + b'"}',
+     "bundle name is 300 characters; the limit is 100"),
     ("reload_model", b'{"model": "demo"}', "unexpected field(s) model; allowed: bundle"),
 ])
 def test_bad_commands_are_refused_and_change_nothing(bin_, name, payload, message):
@@ -417,6 +451,7 @@ def test_bad_commands_are_refused_and_change_nothing(bin_, name, payload, messag
     assert reply["ok"] is False and reply["command"] == name
     assert message in str(reply["error"]), reply
     assert bin_.loop.calls == [] and bin_.counts.resets == 0 and bin_.changed == []
+    assert bin_.asked == []  # no bundle was even looked up
 
 
 def test_the_request_id_is_echoed_on_success_and_on_error(bin_):
@@ -460,7 +495,28 @@ def test_reload_model_swaps_only_a_model_that_loaded(bin_):
     assert reply == {"ok": True, "model": "trashnet", "version": "2", "previous": "demo 1",
                      "command": "reload_model"}
     assert bin_.commands.handle("reload_model", b"")["model"] == bin_.cfg.model.bundle
-    assert bin_.asked == ["broken", "trashnet", bin_.cfg.model.bundle]
+    models = Path(bin_.cfg.model.dir)
+    assert bin_.asked == [str(models / "broken"), str(models / "trashnet"),
+                          bin_.cfg.model.bundle]
+
+
+def test_reload_model_looks_in_the_models_folder_then_the_shipped_bundles_only(
+        bin_, tmp_path, monkeypatch):
+    from bin_controller.vision.bundle import SHIPPED_MODELS
+
+    assert bin_.commands.handle("reload_model", b'{"bundle": "garbage120"}')["ok"]
+    assert bin_.asked == [str(SHIPPED_MODELS / "garbage120")]
+    # A bundle folder in the working directory is not a bundle name's business.
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "manifest.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    reply = bin_.commands.handle("reload_model", b'{"bundle": "stray"}')
+    shipped = sorted(d.name for d in SHIPPED_MODELS.iterdir() if (d / "manifest.json").is_file())
+    assert "demo" in shipped and "stray" not in shipped
+    assert reply["error"] == (
+        f"no bundle named 'stray' in the models folder {bin_.cfg.model.dir} nor among the "
+        f"shipped bundles ({', '.join(shipped)})")
+    assert len(bin_.asked) == 1
 
 
 def boom(args):
@@ -509,6 +565,164 @@ def test_the_command_thread_survives_a_failing_handler():
     assert replies[1][1]["seen"] == {"n": 1}
 
 
+class Replies:
+    """A reply sink that tests can wait on."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, dict]] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, name: str, reply: dict) -> None:
+        with self.cond:
+            self.got.append((name, reply))
+            self.cond.notify_all()
+
+    def wait_for(self, predicate, timeout: float = 10.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: predicate(self.got), timeout=timeout)
+
+    def named(self, name: str) -> list[dict]:
+        with self.cond:
+            return [r for n, r in self.got if n == name]
+
+
+def blocking_handlers(gate: threading.Event, started: threading.Event | None = None):
+    def slow(args):
+        if started is not None:
+            started.set()
+        gate.wait(10)
+        return {"done": True}
+
+    return {"slow": slow, "pause": lambda args: {"paused": True},
+            "resume": lambda args: {"paused": False}, "quick": lambda args: {"n": args.get("n")}}
+
+
+def test_a_full_queue_refuses_the_newest_command_at_once():
+    gate, started, replies = threading.Event(), threading.Event(), Replies()
+    c = Commands(blocking_handlers(gate, started), reply=replies, max_queued=3)
+    c.start()
+    try:
+        c.submit("slow", b"{}")
+        assert started.wait(5)  # running, so no longer queued
+        for n in range(5):
+            c.submit("quick", f'{{"n": {n}, "id": {n}}}'.encode())
+        refused = replies.named("quick")  # sent before anything waiting has run
+        assert [r["id"] for r in refused] == [3, 4]
+        assert refused[0] == {"ok": False, "error": "queue full: 3 commands are waiting; "
+                              "try again later", "command": "quick", "id": 3}
+        gate.set()
+        assert replies.wait_for(lambda got: len(got) == 6)
+        assert [r.get("n") for r in replies.named("quick")[2:]] == [0, 1, 2]  # in order
+    finally:
+        gate.set()
+        c.stop()
+
+
+def test_pause_and_resume_overtake_slow_commands():
+    gate, started, replies = threading.Event(), threading.Event(), Replies()
+    c = Commands(blocking_handlers(gate, started), reply=replies)
+    c.start()
+    try:
+        c.submit("slow", b"{}")
+        assert started.wait(5)
+        for _ in range(50):
+            c.submit("quick", b"{}")
+        c.submit("pause", b'{"id": "p"}')
+        c.submit("resume", b"{}")
+        assert replies.wait_for(lambda got: len(got) == 2, timeout=5)
+        # Answered while the slow command still holds its lane: in order among themselves.
+        assert [n for n, _ in replies.got] == ["pause", "resume"]
+        assert replies.got[0][1] == {"ok": True, "paused": True, "command": "pause", "id": "p"}
+    finally:
+        gate.set()
+        c.stop()
+
+
+def test_a_command_over_its_time_limit_gets_a_busy_reply_and_the_lane_goes_on(caplog):
+    gate, replies = threading.Event(), Replies()
+    c = Commands(blocking_handlers(gate), reply=replies, time_limit_s=0.2)
+    c.start()
+    try:
+        with caplog.at_level(logging.WARNING):
+            c.submit("slow", b'{"id": 1}')
+            c.submit("quick", b'{"id": 2}')  # while "slow" still runs: busy, not stuck
+            assert replies.wait_for(lambda got: len(got) == 2)
+        slow, quick = (r for _, r in replies.got)
+        assert slow == {"ok": False, "error": "slow did not finish within 0.2 s; it may still "
+                        "complete (see the bin's log)", "command": "slow", "id": 1}
+        assert quick["ok"] is False and quick["id"] == 2
+        assert quick["error"].startswith("busy: slow has been running for ")
+        gate.set()  # the overrunning handler ends: its outcome is logged, the lane is free
+        assert _wait(lambda: any("finished" in r.getMessage() for r in caplog.records))
+        c.submit("quick", b'{"n": 5}')
+        assert replies.wait_for(lambda got: len(got) == 3)
+        assert replies.got[2][1] == {"ok": True, "n": 5, "command": "quick"}
+    finally:
+        gate.set()
+        c.stop()
+
+
+def test_the_time_limit_is_per_command():
+    c = Commands({}, time_limit_s=2.0, time_limits_s={"reload_model": 90.0})
+    assert c.time_limit("reload_model") == 90.0 and c.time_limit("pause") == 2.0
+
+
+def _wait(predicate, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_nothing_ends_the_command_threads(caplog):
+    """Even a handler that raises SystemExit, or a reply sink that fails, is one log line
+    with its traceback; the next command is still answered."""
+    replies = Replies()
+    failing_once = [True]
+
+    def sink(name, reply):
+        if name == "sink_fails" and failing_once:
+            failing_once.clear()
+            raise OSError("connection lost")
+        replies(name, reply)
+
+    def exits(args):
+        raise SystemExit(3)
+
+    def recurses(args):
+        return recurses(args)
+
+    c = Commands({"exits": exits, "recurses": recurses, "sink_fails": lambda a: {},
+                  "ok": lambda a: {}, "pause": lambda a: {}}, reply=sink)
+    c.start()
+    try:
+        with caplog.at_level(logging.ERROR):
+            for name in ("exits", "recurses", "sink_fails", "ok", "pause"):
+                c.submit(name, b"{}")
+            assert replies.wait_for(lambda got: len(got) == 4), replies.got
+    finally:
+        c.stop()
+    by_name = {n: r for n, r in replies.got}
+    assert by_name["exits"]["ok"] is False and "SystemExit" in by_name["exits"]["error"]
+    assert "RecursionError" in by_name["recurses"]["error"]
+    assert by_name["ok"]["ok"] and by_name["pause"]["ok"]
+    assert "sink_fails" not in by_name  # its reply could not be sent: logged instead
+    logged = [r for r in caplog.records if r.exc_info]
+    assert {r.exc_info[0] for r in logged} >= {SystemExit, RecursionError, OSError}
+
+
+def test_error_texts_are_whole(bin_):
+    """Quotes inside an error survive into the reply and its JSON (they were once cut)."""
+    reply = bin_.commands.handle("reset_counts", b'{"confirm": "yes"}')
+    assert reply["error"] == 'confirm must be "reset_counts"'
+    assert json.loads(to_json(reply))["error"] == 'confirm must be "reset_counts"'
+    reply = bin_.commands.handle("reload_model", b'{"bundle": "it\'s/\\"x\\""}')
+    assert reply["error"] == ("bundle 'it\\'s/\"x\"' is not a bundle name: give the name of a "
+                              "folder in the models folder or of a shipped bundle, not a path")
+
+
 def test_parse_args():
     assert parse_args(b"") == {} and parse_args(b"  \n") == {}
     assert parse_args('{"a": "é"}'.encode()) == {"a": "é"}
@@ -533,3 +747,175 @@ def test_messages_are_routed_by_topic_filter():
         conn._on_message(conn.client, None, msg)
     assert got == [("cmd", "smartbin/t/cmd/pause", b"{}"),
                    ("ha", "homeassistant/status", b"online")]
+
+
+def test_a_failing_hook_never_reaches_paho(caplog):
+    """paho ends its network thread when a callback raises: hooks are logged instead."""
+    conn = Connection(config_from_dict({}).mqtt, client_id="unit")
+    got = []
+
+    def broken(topic, payload):
+        raise ValueError("bad handler")
+
+    conn.on_message("a/#", broken)
+    conn.on_message("a/#", lambda t, p: got.append(t))
+    conn.on_publish(lambda mid: 1 / 0)
+    msg = mqtt.MQTTMessage(topic=b"a/b")
+    with caplog.at_level(logging.ERROR):
+        conn._on_message(conn.client, None, msg)
+        conn._on_publish(conn.client, None, 1, None, None)
+    assert got == ["a/b"]
+    assert {r.exc_info[0] for r in caplog.records if r.exc_info} == {ValueError,
+                                                                      ZeroDivisionError}
+
+
+@pytest.mark.parametrize(("text", "result"), [
+    ("broker", ("broker", None)), ("broker:1884", ("broker", 1884)),
+    ("10.0.0.2:8883", ("10.0.0.2", 8883)), ("::1", ("::1", None)),
+    ("fe80::1%eth0", ("fe80::1%eth0", None)), ("[::1]", ("::1", None)),
+    ("[2001:db8::1]:1883", ("2001:db8::1", 1883)),
+])
+def test_parse_host(text, result):
+    assert parse_host(text) == result
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (":1883", "--mqtt ':1883': the host is empty"),
+    ("", "--mqtt '': the host is empty"),
+    ("[]:1883", "the host is empty"),
+    ("broker:abc", "--mqtt 'broker:abc': the port must be a number from 1 to 65535"),
+    ("broker:", "the port must be a number"),
+    ("broker:0", "the port must be a number"),
+    ("broker:65536", "the port must be a number"),
+    ("broker:" + "1" * 5000, "the port must be a number"),
+    ("broker:١٨٨٣", "the port must be a number"),
+    ("[::1", "unclosed or misplaced ']'"),
+    ("[::1]1883", "unclosed or misplaced ']'"),
+    ("[::1]:", "the port must be a number"),
+    ("mqtt://broker:1883", "a host, not a URL"),
+    ("my broker", "'my broker' is not a host name or address"),
+    ("bro\x00ker", "is not a host name or address"),
+])
+def test_parse_host_mistakes_are_one_line(text, message):
+    with pytest.raises(ConfigError) as err:
+        parse_host(text)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert "give HOST or HOST:PORT" in str(err.value) or "port must be" in str(err.value)
+
+
+def test_an_empty_host_is_an_error_not_a_paho_traceback():
+    conn = Connection(config_from_dict({}).mqtt, client_id="unit")
+    conn.cfg = dataclasses.replace(conn.cfg, host="")
+    with pytest.raises(ConfigError, match=r"mqtt\.host is empty"):
+        conn.start()
+
+
+def test_an_outage_is_one_warning_and_its_end_another(caplog):
+    conn = Connection(config_from_dict({}).mqtt, client_id="smartbin-t1")
+    conn._down_since = time.monotonic() - 12
+    with caplog.at_level(logging.DEBUG, logger="bin_controller.mqtt.connection"):
+        for _ in range(3):
+            try:
+                raise ConnectionRefusedError(111, "Connection refused")
+            except OSError:  # as paho calls it: inside its except block
+                conn._on_connect_fail(conn.client, None)
+        conn._on_connect(conn.client, None, None, ReasonCode(PacketTypes.CONNACK, "Success"),
+                         None)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "MQTT broker localhost:1883 unreachable (Connection refused); retrying every 30 s "
+        "at most, events wait in the outbox",
+        "MQTT connected to localhost:1883 after 12 s"]
+
+
+def test_repeated_drops_hint_at_a_shared_client_id(caplog):
+    conn = Connection(config_from_dict({}).mqtt, client_id="smartbin-t1")
+    success = ReasonCode(PacketTypes.CONNACK, "Success")
+    lost = ReasonCode(PacketTypes.DISCONNECT, "Unspecified error")
+    with caplog.at_level(logging.WARNING, logger="bin_controller.mqtt.connection"):
+        for _ in range(6):
+            conn._on_connect(conn.client, None, None, success, None)
+            conn._on_disconnect(conn.client, None, None, lost, None)
+    drops = [r.getMessage() for r in caplog.records if "disconnected" in r.getMessage()]
+    assert len(drops) == 3  # then only at debug level
+    assert "client id smartbin-t1" not in drops[0]
+    assert "dropped 2 times within a minute: if another client uses the client id " \
+           "smartbin-t1 (a bin with the same bin.id)" in drops[1]
+
+
+# ---------------------------------------------------------------------- owner claim
+
+
+class FakeConn:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, int, bool]] = []
+
+    def publish(self, topic, payload, *, qos=0, retain=False):
+        self.sent.append((topic, payload, qos, retain))
+
+
+def claim(token: str, host: str = "pi-2", pid: int = 77) -> bytes:
+    return json.dumps({"token": token, "host": host, "pid": pid, "since": 1.0}).encode()
+
+
+@pytest.fixture
+def owner():
+    faults: list[Fault] = []
+    conn = FakeConn()
+    o = OwnerClaim(conn, "smartbin/t1", "t1", on_duplicate=faults.append, token="me")
+    return SimpleNamespace(claim=o, conn=conn, faults=faults)
+
+
+def test_the_claim_is_published_retained_on_every_connect(owner):
+    owner.claim.on_connect()
+    owner.claim.on_connect()
+    assert len(owner.conn.sent) == 2
+    topic, payload, qos, retain = owner.conn.sent[0]
+    assert (topic, qos, retain) == ("smartbin/t1/owner", 1, True)
+    assert json.loads(payload)["token"] == "me"
+
+
+def test_a_claim_left_by_a_previous_run_is_no_duplicate(owner):
+    owner.claim.on_connect()
+    owner.claim.on_message("smartbin/t1/owner", claim("old"), True)
+    owner.claim.on_message("smartbin/t1/owner", claim("me"), False)  # our own, echoed
+    owner.claim.on_connect()  # a reconnect: the retained claim is ours now
+    owner.claim.on_message("smartbin/t1/owner", claim("me"), True)
+    for junk in (b"", b"null", b"[1]", b'{"token": 5}', b"\xff", b"[" * 10_000):
+        owner.claim.on_message("smartbin/t1/owner", junk, False)
+    assert owner.faults == []
+
+
+def test_another_claim_on_two_connects_within_a_minute_is_a_duplicate(owner, caplog):
+    with caplog.at_level(logging.ERROR):
+        for _ in range(4):
+            owner.claim.on_connect()
+            owner.claim.on_message("smartbin/t1/owner", claim("other"), True)
+            owner.claim.on_message("smartbin/t1/owner", claim("other"), True)
+    assert len(owner.faults) == 1  # reported once, not on every kick
+    fault = owner.faults[0]
+    assert fault.kind == "duplicate_bin_id"
+    assert fault.detail == (
+        "another smartbin (host pi-2, pid 77) uses bin.id 't1' on this broker, and the "
+        "broker keeps disconnecting one of the two: give each bin its own bin.id (bin.id "
+        "in its config file, or --bin-id)")
+    assert [r.getMessage() for r in caplog.records] == [f"fault duplicate_bin_id: {fault.detail}"]
+
+
+def test_another_claim_arriving_live_is_a_duplicate_at_once(owner):
+    owner.claim.on_connect()
+    owner.claim.on_message("smartbin/t1/owner", claim("other", host="kitchen-pi"), False)
+    assert [f.kind for f in owner.faults] == ["duplicate_bin_id"]
+    assert "host kitchen-pi" in owner.faults[0].detail
+
+
+def test_recalibrate_camera_reports_the_settled_exposure(bin_):
+    reply = bin_.commands.handle("recalibrate_camera", b'{"id": 4}')
+    assert reply == {"ok": True, "exposure_us": 8000, "analogue_gain": 1.5,
+                     "colour_gains": [1.9, 1.4], "command": "recalibrate_camera", "id": 4}
+    assert bin_.loop.calls == [("recalibrate_camera", None)]
+    reply = bin_.commands.handle("recalibrate_camera", b'{"exposure": 1}')
+    assert not reply["ok"] and "unexpected field(s) exposure" in reply["error"]
+    bin_.loop.busy = True
+    reply = bin_.commands.handle("recalibrate_camera", b"")
+    assert not reply["ok"] and "flap empty" in reply["error"]

@@ -82,7 +82,8 @@ def test_flap_returning_too_early_misroutes(demo):
 def test_jam_is_a_fault_and_the_bin_recovers(demo):
     items = GeneratedSource(5).items(4)
     states = []
-    result = run_simulation(cfg(sensor={"jam_s": 0.2}), items, demo, fast=True,
+    result = run_simulation(cfg(sensor={"jam_s": 0.2}, flap={"move_s": 0.0, "hold_s": 0.0}),
+                            items, demo, fast=True,
                             faults=Faults(jam={2}, jam_clear_s=0.2),
                             on_loop=lambda loop: loop.on_state.append(
                                 lambda s, d: states.append((s, d))))

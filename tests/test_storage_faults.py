@@ -555,3 +555,34 @@ def test_any_damage_opens_or_is_a_store_error(template, tmp_path_factory, damage
     assert again.counts() == after
     again.close()
     assert inspect(state).startswith("ok")
+
+
+def test_damaged_database_from_an_older_smartbin_is_rebuilt_too(tmp_path):
+    """A file written before the frame columns existed: its journal is still read."""
+    from bin_controller.store import EVENT_FIELDS
+
+    old_fields = [f for f in EVENT_FIELDS
+                  if f not in ("frame_time", "exposure_us", "analogue_gain")]
+    path = tmp_path / DB
+    db = sqlite3.connect(path)
+    db.executescript(f"""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE counts (bin TEXT PRIMARY KEY, n INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE journal (seq INTEGER PRIMARY KEY, {", ".join(old_fields)});
+        INSERT INTO meta VALUES ('schema', '1'), ('seq', '7');
+        INSERT INTO counts VALUES ('hazardous', 7);
+    """)
+    for seq in range(1, 8):
+        row = {**event("hazardous").to_dict(), "uncertain": 0, "failed": 0, "forced": 0}
+        db.execute(f"INSERT INTO journal (seq, {', '.join(old_fields)}) VALUES "
+                   f"(?, {', '.join('?' * len(old_fields))})",
+                   (seq, *[row[f] for f in old_fields]))
+    db.commit()
+    db.close()
+    garble_page(path, pages_of(path, "counts")[0])
+    faults = Faults()
+    s = Store(tmp_path, on_fault=faults)
+    assert s.counts()["hazardous"] == 7 and s.last_seq() == 7
+    assert "the journal of the old file (7 rows)" in faults[0][1]
+    assert s.journal(1)[0].frame_time is None
+    s.close()

@@ -230,10 +230,14 @@ def test_check_command(tmp_path):
     assert r.returncode == 0, r.stdout
     for part in ("config", "model", "pins", "camera", "broker", "disk"):
         assert re.search(rf"^ok +{part}: ", r.stdout, re.M), r.stdout
+    assert "FAIL" not in r.stderr
+    # Failures go to stderr, the ok lines stay on stdout, and the exit code is the CLI's 2.
     r = smartbin("check", "--config", str(good), "--mqtt", "127.0.0.1:9",
                  "--state-dir", str(tmp_path / "s"))
-    assert r.returncode == 1 and "FAIL broker: 127.0.0.1:9 unreachable" in r.stdout
+    assert r.returncode == 2 and "FAIL broker: 127.0.0.1:9 unreachable" in r.stderr
+    assert "FAIL" not in r.stdout and re.search(r"^ok +disk: ", r.stdout, re.M)
     bad = tmp_path / "bad.toml"
     bad.write_text("[model]\nbundle = 'nope'\n[hardware]\npin_factory = 'mock'\n")
     r = smartbin("check", "--config", str(bad))
-    assert r.returncode == 1 and "FAIL model:" in r.stdout and "Traceback" not in r.stdout
+    assert r.returncode == 2 and "FAIL model:" in r.stderr and "Traceback" not in r.stderr
+    assert "FAIL" not in r.stdout

@@ -128,9 +128,11 @@ class RetainedState:
         if self.conn.connected.is_set():
             self._publish(STATE, self._state)
 
-    def on_fault(self, fault: Fault) -> None:
-        if self.conn.connected.is_set():
-            self._publish(FAULT, fault_payload(fault), retain=False)
+    def on_fault(self, fault: Fault, *, qos: int = 0) -> None:
+        """Publish a fault as it happens. At QoS 0 only while connected (the loop's faults
+        are in `state` anyway); at QoS 1 paho also keeps it for the next connect."""
+        if qos or self.conn.connected.is_set():
+            self.conn.publish(f"{self.base}/{FAULT}", fault_payload(fault), qos=qos)
 
     # ------------------------------------------------------------------ stats
 

@@ -7,7 +7,8 @@ bin_controller/payloads.py. The parts, each in its own module:
   outbox      event messages from the SQLite outbox: in order, at least once
   retained    availability, counts, last item, state, faults, stats, discovery
   discovery   Home Assistant entity configs (pure data)
-  commands    cmd/<name> in, on a thread of their own; reply/<name> out
+  commands    cmd/<name> in, on threads of their own; reply/<name> out
+  owner       a retained claim on the bin id: two bins with one bin.id are a fault
 
 On every (re)connect the outbox starts again from its oldest row, everything retained is
 published again and the command subscriptions are made again.
@@ -26,6 +27,7 @@ from bin_controller.mqtt import discovery
 from bin_controller.mqtt.commands import Commands, Handler
 from bin_controller.mqtt.connection import Connection
 from bin_controller.mqtt.outbox import OutboxPublisher
+from bin_controller.mqtt.owner import OwnerClaim
 from bin_controller.mqtt.retained import RetainedState, Status
 from bin_controller.payloads import (
     AVAILABILITY,
@@ -60,12 +62,15 @@ class Telemetry:
             stats_interval_s=cfg.stats_interval_s,
             discovery=self.discovery_payloads() if cfg.discovery else None)
         self._commands = Commands(commands, reply=self._reply)
+        self._owner = OwnerClaim(self._conn, self.base, bin_id, on_duplicate=self.report_fault)
 
         self._conn.on_connect(self._outbox.on_connect)
         self._conn.on_connect(self._retained.republish)
+        self._conn.on_connect(self._owner.on_connect)
         self._conn.on_disconnect(self._outbox.on_disconnect)
         self._conn.on_publish(self._outbox.on_publish)
         self._conn.on_message(f"{self.base}/{command_topic('+')}", self._on_command)
+        self._conn.on_message_with_retain(self._owner.topic, self._owner.on_message)
         if cfg.discovery:
             self._conn.on_message(discovery.status_topic(cfg), self._on_ha_status)
 
@@ -104,6 +109,11 @@ class Telemetry:
 
     def on_fault(self, fault: Fault) -> None:
         self._retained.on_fault(fault)
+
+    def report_fault(self, fault: Fault) -> None:
+        """A fault of telemetry's own (the loop's come through on_fault): published at QoS 1
+        so that a connection dropped meanwhile does not lose it."""
+        self._retained.on_fault(fault, qos=1)
 
     # ------------------------------------------------------------------ state
 

@@ -1,15 +1,21 @@
-"""`smartbin monitor`: a live terminal view of one bin or a whole fleet, over MQTT."""
+"""`smartbin monitor`: a live terminal view of one bin or a whole fleet, over MQTT.
+
+Whatever is retained on the broker is read here, by every monitor started later, so a
+message of the wrong shape (a list where a count belongs, a string time, deep nesting,
+bytes that are not UTF-8, a number too large for a float) must never crash it: each field
+is checked as it arrives and shown as "?" when it is not what the bin sends.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
+import math
 import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -17,15 +23,91 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bin_controller.bins import BINS
 from bin_controller.errors import SmartbinError
 from bin_controller.mqtt.connection import parse_host
+from bin_controller.payloads import (
+    AVAILABILITY,
+    COUNTS,
+    EVENT,
+    STATE,
+    STATS,
+    JsonObject,
+    JsonValue,
+    parse_json,
+)
+
+log = logging.getLogger(__name__)
+
+RECENT_ITEMS = 5  # per bin
+# Bins kept on screen: random topics under the prefix must not grow the view without end.
+MAX_BINS = 1000
+# A count or a time beyond this is not something a bin sends (and strftime cannot show it).
+MAX_COUNT = 10**12
+MAX_TIME = 10**11
+UNKNOWN = "?"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One recent item, already in the shapes the screen needs."""
+
+    seq: int | None
+    time: float | None
+    what: str
+    bin: str
+    confidence: float | None
+    flag: str
 
 
 @dataclass
 class BinView:
-    availability: str = "?"
-    counts: dict[str, Any] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict)
-    events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=5))
-    stats: dict[str, Any] = field(default_factory=dict)
+    availability: str = UNKNOWN
+    counts: dict[str, str] = field(default_factory=dict)  # bin or total -> shown text
+    state: str = UNKNOWN
+    events: deque[Item] = field(default_factory=lambda: deque(maxlen=RECENT_ITEMS))
+    stats: JsonObject = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------- field checks
+
+
+def shown(value: object) -> str:
+    """Text safe for a terminal: control characters (escape sequences) become '?'."""
+    text = value if isinstance(value, str) else UNKNOWN
+    return "".join(ch if ch.isprintable() else UNKNOWN for ch in text)
+
+
+def count(value: JsonValue | None) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_COUNT:
+        return str(value)
+    return UNKNOWN
+
+
+def timestamp(value: JsonValue | None) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) \
+            and 0 <= value < MAX_TIME:
+        return float(value)
+    return None
+
+
+def fraction(value: JsonValue | None) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) \
+            and math.isfinite(value) and 0 <= value <= 1:
+        return float(value)
+    return None
+
+
+def item(data: JsonObject) -> Item:
+    seq = data.get("seq")
+    what = next((v for v in (data.get("label_en"), data.get("label"), data.get("error"))
+                 if isinstance(v, str) and v), UNKNOWN)
+    conf = data.get("bin_confidence") or data.get("confidence")
+    flag = " uncertain" if data.get("uncertain") is True else (
+        " failed" if data.get("failed") is True else "")
+    return Item(seq=seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
+                time=timestamp(data.get("time")), what=shown(what),
+                bin=shown(data.get("bin")), confidence=fraction(conf), flag=flag)
+
+
+# ---------------------------------------------------------------------- the fleet
 
 
 class Fleet:
@@ -35,72 +117,134 @@ class Fleet:
         self.lock = threading.Lock()
         self.changed = threading.Event()
 
-    def on_message(self, client: mqtt.Client, userdata: object,
+    def on_message(self, client: mqtt.Client | None, userdata: object,
                    msg: mqtt.MQTTMessage) -> None:
-        parts = msg.topic.split("/")
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            return  # not a topic any bin publishes
+        try:
+            self._take(topic, bytes(msg.payload))
+        except Exception:  # a monitor never dies on a message; a bug here is still logged
+            log.exception("monitor: message on %r ignored", topic)
+
+    def _take(self, topic: str, payload: bytes) -> None:
+        parts = topic.split("/")
         if len(parts) < 3 or parts[0] != self.prefix:
             return
         bin_id, kind = parts[1], "/".join(parts[2:])
+        if kind == AVAILABILITY:
+            self._update(bin_id, availability=_word(payload))
+            return
+        if kind not in (COUNTS, STATE, EVENT, STATS):
+            return
         try:
-            payload = msg.payload.decode()
-            data = json.loads(payload) if kind in ("counts", "state", "event", "stats") else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return  # not ours to judge; a monitor never crashes on a bad message
+            data = parse_json(payload, what=topic)
+        except ValueError:
+            data = None  # not what a bin sends: shown as unknown
+        obj: JsonObject = data if isinstance(data, dict) else {}
+        if kind == COUNTS:
+            self._update(bin_id, counts={k: count(obj.get(k)) for k in (*BINS, "total")})
+        elif kind == STATE:
+            self._update(bin_id, state=shown(obj.get("state")))
+        elif kind == EVENT and obj:
+            self._update(bin_id, event=item(obj))
+        elif kind == STATS:
+            self._update(bin_id, stats=obj)
+
+    def _update(self, bin_id: str, *, availability: str | None = None,
+                counts: dict[str, str] | None = None, state: str | None = None,
+                event: Item | None = None, stats: JsonObject | None = None) -> None:
         with self.lock:
-            view = self.bins.setdefault(bin_id, BinView())
-            if kind == "availability":
-                view.availability = payload
-            elif kind == "counts" and isinstance(data, dict):
-                view.counts = data
-            elif kind == "state" and isinstance(data, dict):
-                view.state = data
-            elif kind == "event" and isinstance(data, dict):
-                if not any(e.get("seq") == data.get("seq") for e in view.events):
-                    view.events.append(data)
-            elif kind == "stats" and isinstance(data, dict):
-                view.stats = data
+            view = self.bins.get(bin_id)
+            if view is None:
+                if len(self.bins) >= MAX_BINS:
+                    return
+                view = self.bins[bin_id] = BinView()
+            if availability is not None:
+                view.availability = availability
+            if counts is not None:
+                view.counts = counts
+            if state is not None:
+                view.state = state
+            if event is not None and (event.seq is None
+                                      or all(e.seq != event.seq for e in view.events)):
+                view.events.append(event)
+            if stats is not None:
+                view.stats = stats
         self.changed.set()
 
     def render(self) -> str:
         with self.lock:
-            bins = dict(sorted(self.bins.items()))
+            bins = {bin_id: (v.availability, dict(v.counts), v.state, list(v.events))
+                    for bin_id, v in sorted(self.bins.items())}
         if not bins:
             return "waiting for bins..."
         head = f"{'bin':16} {'online':8} {'state':12} " + " ".join(f"{b:>10}" for b in BINS) \
             + f" {'total':>7}"
         lines = [head, "-" * len(head)]
-        for bin_id, v in bins.items():
-            counts = " ".join(f"{v.counts.get(b, '-'):>10}" for b in BINS)
-            lines.append(f"{bin_id[:16]:16} {v.availability:8} "
-                         f"{str(v.state.get('state', '?'))[:12]:12} {counts} "
-                         f"{v.counts.get('total', '-'):>7}")
+        for bin_id, (online, counts, state, _) in bins.items():
+            cols = " ".join(f"{counts.get(b, '-'):>10}" for b in BINS)
+            lines.append(f"{shown(bin_id)[:16]:16} {online[:8]:8} {state[:12]:12} {cols} "
+                         f"{counts.get('total', '-'):>7}")
         lines.append("")
         lines.append("recent items")
-        for bin_id, v in bins.items():
-            for e in list(v.events)[-5:]:
-                when = time.strftime("%H:%M:%S", time.localtime(e.get("time", 0)))
-                what = e.get("label_en") or e.get("label") or e.get("error") or "?"
-                conf = e.get("bin_confidence") or e.get("confidence")
-                flag = " uncertain" if e.get("uncertain") else (" failed" if e.get("failed")
-                                                                 else "")
-                lines.append(f"  {when} {bin_id[:16]:16} #{e.get('seq', '?'):<6} "
-                             f"{str(what)[:24]:24} -> {e.get('bin', '?')}"
-                             + (f" {conf:.0%}" if isinstance(conf, int | float) else "") + flag)
+        for bin_id, (_, _, _, events) in bins.items():
+            for e in events:
+                when = _clock(e.time)
+                seq = UNKNOWN if e.seq is None else str(e.seq)
+                conf = f" {e.confidence:.0%}" if e.confidence is not None else ""
+                lines.append(f"  {when} {shown(bin_id)[:16]:16} #{seq[:12]:<6} "
+                             f"{e.what[:24]:24} -> {e.bin[:12]}{conf}{e.flag}")
         return "\n".join(lines)
 
 
+def _clock(t: float | None) -> str:
+    if t is None:
+        return "??:??:??"
+    try:
+        return time.strftime("%H:%M:%S", time.localtime(t))
+    except (OverflowError, OSError, ValueError):  # beyond what this platform's C time knows
+        return "??:??:??"
+
+
+def _word(payload: bytes) -> str:
+    """A short text payload (availability): shown when it is short UTF-8, else '?'."""
+    if len(payload) > 64:
+        return UNKNOWN
+    try:
+        return shown(payload.decode("utf-8"))
+    except UnicodeDecodeError:
+        return UNKNOWN
+
+
+# ---------------------------------------------------------------------- the command
+
+
+def _topic_level(option: str, value: str, *, wildcard: bool) -> None:
+    if value == "+" and wildcard:
+        return
+    if not value or any(ch in value for ch in "/+#\0"):
+        allowed = " or + for every bin" if wildcard else ""
+        raise SmartbinError(f"{option} {value!r}: must be one MQTT topic level (no '/', '+', "
+                            f"'#'){allowed}")
+
+
 def run(args: argparse.Namespace) -> int:
-    host, port = parse_host(args.host)
+    host, port = parse_host(args.host, option="--host")
+    _topic_level("--prefix", args.prefix, wildcard=False)
+    _topic_level("--bin-id", args.bin_id, wildcard=True)
+    port = port or args.port
     fleet = Fleet(args.prefix)
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
     topic = f"{args.prefix}/{args.bin_id}/#"
     client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
     client.on_message = fleet.on_message
     try:
-        client.connect(host, port or args.port, keepalive=30)
-    except OSError as exc:
-        raise SmartbinError(f"cannot reach the broker at {host}:{port or args.port}: "
-                            f"{exc.strerror or exc}") from exc
+        client.connect(host, port, keepalive=30)
+    except (OSError, ValueError) as exc:
+        raise SmartbinError(f"cannot reach the broker at {host}:{port}: "
+                            f"{getattr(exc, 'strerror', None) or exc}") from exc
     client.loop_start()
     tty = sys.stdout.isatty()
     end = time.monotonic() + args.seconds if args.seconds else None

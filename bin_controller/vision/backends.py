@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from bin_controller.errors import SmartbinError
+from bin_controller.errors import BundleError, SmartbinError
 
 # Preference order for "auto": LiteRT has the fast int8 x86/ARM kernels and supports numpy 2.
 BACKENDS: dict[str, str] = {
@@ -53,12 +53,15 @@ def resolve_backend(requested: str = "auto") -> tuple[str, Callable[..., Any]]:
 
 
 def make_interpreter(
-    backend: str, model_content: bytes, *, num_threads: int = 1
+    backend: str, model_content: bytes, *, num_threads: int = 1, where: str = "the model"
 ) -> tuple[str, Any]:
+    """An interpreter with its tensors allocated; a model the runtime refuses (damaged,
+    unsupported op, allocation failure) is a BundleError naming `where`."""
     name, cls = resolve_backend(backend)
     try:
         interpreter = cls(model_content=model_content, num_threads=num_threads)
         interpreter.allocate_tensors()
-    except (ValueError, RuntimeError) as exc:
-        raise SmartbinError(f"{name} cannot load the model: {exc}") from exc
+    except (ValueError, RuntimeError, MemoryError) as exc:
+        reason = " ".join(str(exc).split())  # the runtimes' messages span several lines
+        raise BundleError(f"{where}: {name} cannot load the model: {reason}") from exc
     return name, interpreter

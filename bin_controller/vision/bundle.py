@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,25 @@ from typing import Any
 from bin_controller.bins import BINS
 from bin_controller.errors import BundleError, SmartbinError
 from bin_controller.vision import tflite_format
-from bin_controller.vision.fetch import RemoteFile, resolve, sha256_bytes
+from bin_controller.vision.fetch import (
+    RemoteFile,
+    member_problem,
+    name_problem,
+    resolve,
+    sha256_bytes,
+    url_problem,
+)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 SHIPPED_PACKAGE = "smartbin_models"  # the repository's model/ folder, as installed
+# Limits on a manifest, far above any real one (the shipped ones are under 20 KB, 4 levels
+# deep) so that a hostile file fails with one line instead of exhausting memory or stack.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_MANIFEST_DEPTH = 32
+MAX_INT_DIGITS = 18  # every integer in a manifest fits in 64 bits
+MAX_INPUT_SIDE = 4096  # pixels, for input.size
+_INT_LIMIT = 10**MAX_INT_DIGITS
 
 
 def _shipped_models() -> Path:
@@ -97,30 +112,47 @@ class Bundle:
             )
         return [self._stage_bytes(stage, backbone) for stage in self.stages]
 
+    def stage_where(self, stage: Stage) -> str:
+        """How errors name a stage: its file, or the member of its download."""
+        if stage.source is not None:
+            return f"{stage.source.member} (from {self.path / MANIFEST})"
+        return str(self.path / str(stage.file))
+
     def _stage_bytes(self, stage: Stage, backbone: str | None) -> bytes:
+        where = self.stage_where(stage)
         if stage.source is not None:
             data = resolve(stage.source, override=backbone)
-            where = stage.source.member
         else:
-            assert stage.file is not None
-            path = self.path / stage.file
-            if not path.is_file():
-                raise BundleError(f"{path}: stage file is missing (named in {MANIFEST})")
-            data = path.read_bytes()
-            if sha256_bytes(data) != stage.sha256:
-                raise BundleError(
-                    f"{path}: checksum mismatch (sha256 {sha256_bytes(data)[:12]}…, manifest "
-                    f"says {str(stage.sha256)[:12]}…); the file is damaged or was replaced"
-                )
-            where = str(path)
-        if stage.output:
-            try:
-                names = tflite_format.tensor_names(data)
-                if stage.output not in names:
+            data = self._read_stage_file(stage)
+        try:
+            # Damage the runtimes would only report later (a name that is not UTF-8 breaks
+            # get_input_details) is found here, where the file can still be named.
+            tflite_format.validate(data)
+            if stage.output:
+                if stage.output not in tflite_format.tensor_names(data):
                     raise BundleError(f"{where}: has no tensor named {stage.output!r}")
                 data = tflite_format.truncate_at_tensor(data, stage.output)
-            except tflite_format.TFLiteFormatError as exc:
-                raise BundleError(f"{where}: {exc}") from exc
+        except tflite_format.TFLiteFormatError as exc:
+            raise BundleError(f"{where}: {exc}") from exc
+        return data
+
+    def _read_stage_file(self, stage: Stage) -> bytes:
+        assert stage.file is not None
+        path = self.path / stage.file
+        try:
+            if not path.is_file():
+                raise BundleError(f"{path}: stage file is missing (named in {MANIFEST})")
+            if not _inside(path, self.path):
+                raise BundleError(f"{path}: is a symlink to {path.resolve()}, outside the "
+                                  "bundle folder; copy the file into the folder instead")
+            data = path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{path}: cannot read the stage file: {exc}") from exc
+        if sha256_bytes(data) != stage.sha256:
+            raise BundleError(
+                f"{path}: checksum mismatch (sha256 {sha256_bytes(data)[:12]}…, manifest "
+                f"says {str(stage.sha256)[:12]}…); the file is damaged or was replaced"
+            )
         return data
 
 
@@ -144,8 +176,9 @@ class _Reader:
                 raise BundleError(f"{self.where}: missing required field {self._name(key)!r}")
             return default
         value = self.data[key]
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
-            kinds = kind if isinstance(kind, tuple) else (kind,)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int to isinstance, but `true` is never a number in a manifest.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             allowed = " or ".join(k.__name__ for k in kinds)
             raise BundleError(f"{self.where}: field {self._name(key)!r} must be {allowed}")
         return value
@@ -179,30 +212,62 @@ def _parse_stage(r: _Reader) -> Stage:
     output = r.get("output", str, None)
     if "source" in r.data:
         sr = r.sub("source")
-        sha = sr.get("sha256", str)
-        if len(sha) != 64:
-            raise sr.fail("sha256", "must be 64 hex digits")
-        remote = RemoteFile(sr.get("url", str), sha.lower(), sr.get("member", str))
+        url, member = sr.get("url", str), sr.get("member", str)
+        for key, problem in (("url", url_problem(url)), ("member", member_problem(member))):
+            if problem:
+                raise sr.fail(key, problem)
+        remote = RemoteFile(url, _sha256(sr), member)
         return Stage(role=role, source=remote, output=output)
     file = r.get("file", str)
-    sha = r.get("sha256", str)
-    if len(sha) != 64:
-        raise r.fail("sha256", "must be 64 hex digits")
-    if Path(file).is_absolute() or ".." in Path(file).parts:
+    sha = _sha256(r)
+    parts = Path(file).parts
+    if not parts or Path(file).is_absolute() or ".." in parts or "\\" in file:
         raise r.fail("file", "must be a file name inside the bundle folder")
-    return Stage(role=role, file=file, sha256=sha.lower(), output=output)
+    problem = next(filter(None, map(name_problem, parts)), None)
+    if problem:
+        raise r.fail("file", problem)
+    return Stage(role=role, file=file, sha256=sha, output=output)
+
+
+def _sha256(r: _Reader) -> str:
+    sha: str = r.get("sha256", str).lower()
+    if len(sha) != 64 or not all(c in "0123456789abcdef" for c in sha):
+        raise r.fail("sha256", "must be 64 hex digits")
+    return sha
+
+
+def _check_values(data: Any, where: str) -> None:
+    """Every number finite and 64-bit, nesting bounded: checked once over the whole manifest,
+    so `provenance` and fields added later are covered too (NaN passes every comparison)."""
+    todo: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while todo:
+        value, path, depth = todo.pop()
+        if depth > MAX_MANIFEST_DEPTH:
+            raise BundleError(f"{where}: nested more than {MAX_MANIFEST_DEPTH} levels deep "
+                              f"(at {path or 'the top'})")
+        if isinstance(value, dict):
+            todo += [(v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in value.items()]
+        elif isinstance(value, list):
+            todo += [(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise BundleError(f"{where}: field {path!r} is {value}; numbers must be finite")
+        elif isinstance(value, int) and not isinstance(value, bool) \
+                and abs(value) >= _INT_LIMIT:
+            raise BundleError(f"{where}: field {path!r} is an integer of more than "
+                              f"{MAX_INT_DIGITS} digits")
 
 
 def parse_manifest(data: Any, bundle_dir: Path) -> Bundle:
     where = str(bundle_dir / MANIFEST)
+    _check_values(data, where)
     r = _Reader(data, where)
     fmt = r.get("format", int)
     if fmt != FORMAT_VERSION:
         raise r.fail("format", f"is {fmt}; this smartbin reads format {FORMAT_VERSION}")
     ir = r.sub("input")
     size = ir.get("size", list)
-    if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
-        raise ir.fail("size", "must be [width, height] in pixels")
+    if len(size) != 2 or not all(type(v) is int and 0 < v <= MAX_INPUT_SIDE for v in size):
+        raise ir.fail("size", f"must be [width, height] in pixels, each 1 to {MAX_INPUT_SIDE}")
     crop = ir.get("crop", str, "center")
     if crop not in ("center", "none"):
         raise ir.fail("crop", "must be 'center' or 'none'")
@@ -254,9 +319,37 @@ def _bundle_names(folder: Path) -> str:
     return ", ".join(names) if names else "no bundles"
 
 
+def _shown(name_or_path: str | Path) -> str:
+    """A name as an error line shows it: at most 60 characters, control characters escaped."""
+    text = str(name_or_path)
+    return repr(text if len(text) <= 60 else text[:60] + "…")
+
+
+def _check_name(name_or_path: str | Path) -> None:
+    """A bundle name or path the file system can take, as one line instead of the OSError
+    (ENAMETOOLONG) or ValueError (NUL) the first stat would raise."""
+    text = str(name_or_path)
+    problem = "contains a NUL character" if "\0" in text else None
+    if problem is None:
+        problem = next((f"has a part that {p}" for p in map(name_problem, Path(text).parts)
+                        if p), None)
+    if problem:
+        raise BundleError(f"{_shown(text)}: bundle name or path {problem}")
+
+
 def find_bundle(name_or_path: str | Path, *, models_dir: str | Path | None = None) -> Path:
     """A bundle folder: a path to one (or to its manifest) as it is; a bare name in
     `models_dir` (trained and taught bundles) first, then among the shipped bundles."""
+    _check_name(name_or_path)
+    try:
+        return _find_bundle(name_or_path, models_dir)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: expanduser of an unknown ~user
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise BundleError(f"{_shown(name_or_path)}: cannot look for a bundle there: "
+                          f"{reason}") from exc
+
+
+def _find_bundle(name_or_path: str | Path, models_dir: str | Path | None) -> Path:
     p = Path(name_or_path).expanduser()
     if (p / MANIFEST).is_file():
         return p
@@ -273,10 +366,12 @@ def find_bundle(name_or_path: str | Path, *, models_dir: str | Path | None = Non
     searched = " and ".join(f"{what} {folder} ({_bundle_names(folder)})"
                             for what, folder in places)
     put = f"put the bundle folder in {places[0][1]}, " if models_dir else ""
+    # repr for a name with a newline or other control character: the error stays one line.
+    shown = str(p) if str(p).isprintable() else repr(str(p))
     if _is_name(p):
-        raise BundleError(f"{p}: no model bundle by that name in {searched}; use one of "
+        raise BundleError(f"{shown}: no model bundle by that name in {searched}; use one of "
                           f"those names, {put}or give the path of a folder with {MANIFEST}")
-    raise BundleError(f"{p}: no model bundle here (expected a folder with {MANIFEST}); "
+    raise BundleError(f"{shown}: no model bundle here (expected a folder with {MANIFEST}); "
                       f"bundles by name are looked up in {searched}")
 
 
@@ -294,17 +389,51 @@ def find_bin_map(name_or_path: str | Path) -> Path:
                         f"(shipped in {BIN_MAPS}: {', '.join(names) or 'none'})")
 
 
+class _NumberTooLong(ValueError):
+    pass
+
+
+def _parse_int(text: str) -> int:
+    # Checked on the digits, before int() meets Python's 4,300-digit conversion limit.
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _NumberTooLong(f"an integer of {len(text.lstrip('-'))} digits "
+                             f"(at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _read_manifest(manifest: Path) -> bytes:
+    with manifest.open("rb") as f:
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{manifest}: larger than {MAX_MANIFEST_BYTES >> 20} MB; "
+                          "a manifest only lists labels and stages")
+    return data
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether path, with every symlink followed, stays inside folder."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def load_bundle(name_or_path: str | Path, *, models_dir: str | Path | None = None) -> Bundle:
     bundle_dir = find_bundle(name_or_path, models_dir=models_dir)
     manifest = bundle_dir / MANIFEST
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
+        if not _inside(manifest, bundle_dir):
+            raise BundleError(f"{manifest}: is a symlink to {manifest.resolve()}, outside the "
+                              "bundle folder; copy the file into the folder instead")
+        data = json.loads(_read_manifest(manifest).decode("utf-8"), parse_int=_parse_int)
     except (OSError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest}: cannot read: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise BundleError(
             f"{manifest}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from exc
+    except _NumberTooLong as exc:
+        raise BundleError(f"{manifest}: {exc}") from exc
+    except RecursionError as exc:
+        raise BundleError(f"{manifest}: nested too deeply (at most {MAX_MANIFEST_DEPTH} "
+                          "levels)") from exc
     return parse_manifest(data, bundle_dir)
 
 

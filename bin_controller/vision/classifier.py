@@ -30,6 +30,9 @@ class Quant:
 
 def _quant(detail: dict[str, Any]) -> Quant:
     scale, zp = detail.get("quantization", (0.0, 0))
+    if not np.isfinite(scale):
+        # A NaN scale would turn every pixel into NaN and every answer into noise.
+        raise ValueError(f"tensor {detail.get('name', '')!r} has quantization scale {scale}")
     return Quant(detail["dtype"], float(scale), int(zp))
 
 
@@ -72,13 +75,18 @@ def pixel_mapper(spec: InputSpec, q: Quant) -> ArrayMap:
 
 
 class StageRunner:
-    def __init__(self, interpreter: Any) -> None:
+    def __init__(self, interpreter: Any, where: str = "the model") -> None:
         self.interpreter = interpreter
-        inp = interpreter.get_input_details()[0]
-        out = interpreter.get_output_details()[0]
-        self.input_index, self.input_shape = inp["index"], tuple(inp["shape"])
-        self.output_index, self.output_shape = out["index"], tuple(out["shape"])
-        self.input_quant, self.output_quant = _quant(inp), _quant(out)
+        try:
+            inp = interpreter.get_input_details()[0]
+            out = interpreter.get_output_details()[0]
+            self.input_index, self.input_shape = inp["index"], tuple(inp["shape"])
+            self.output_index, self.output_shape = out["index"], tuple(out["shape"])
+            self.input_quant, self.output_quant = _quant(inp), _quant(out)
+        # What a loaded but damaged model raises here: no inputs or outputs (IndexError), a
+        # name that is not UTF-8, an odd quantization entry.
+        except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise BundleError(f"{where}: unusable model inputs or outputs ({exc})") from exc
 
     def run(self, x: np.ndarray) -> np.ndarray:
         self.interpreter.set_tensor(self.input_index, x.reshape(self.input_shape))
@@ -133,9 +141,12 @@ class Classifier:
         self.top_k = top_k
         self.stages: list[StageRunner] = []
         self.backend = ""
-        for data in self.bundle.stage_models(backbone=backbone):
-            self.backend, interpreter = make_interpreter(backend, data, num_threads=num_threads)
-            self.stages.append(StageRunner(interpreter))
+        models = self.bundle.stage_models(backbone=backbone)
+        for stage, data in zip(self.bundle.stages, models, strict=True):
+            where = self.bundle.stage_where(stage)
+            self.backend, interpreter = make_interpreter(backend, data,
+                                                         num_threads=num_threads, where=where)
+            self.stages.append(StageRunner(interpreter, where))
         self._check_shapes()
         self._bin_index = np.array([BINS.index(lab.bin) for lab in self.bundle.labels])
         first = self.stages[0]

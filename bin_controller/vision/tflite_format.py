@@ -7,6 +7,8 @@ needs itself. Field slots follow tensorflow/lite/schema/schema.fbs.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,61 +39,113 @@ class TFLiteFormatError(ValueError):
 
 
 class _Table:
-    """A flatbuffer table: position in the buffer plus its vtable."""
+    """A flatbuffer table: position in the buffer plus its vtable.
+
+    Every read is bounds-checked: struct accepts negative offsets (counted from the end),
+    so a damaged offset would otherwise read the wrong bytes instead of failing.
+    """
 
     def __init__(self, buf: bytes | bytearray, pos: int) -> None:
         self.buf = buf
         self.pos = pos
-        vtable = pos - struct.unpack_from("<i", buf, pos)[0]
-        self._vt_size = struct.unpack_from("<H", buf, vtable)[0]
+        vtable = pos - _read(buf, "<i", pos)
+        self._vt_size = _read(buf, "<H", vtable)
+        if self._vt_size < 4 or self._vt_size % 2:
+            raise TFLiteFormatError(f"table at byte {pos} has a broken vtable")
+        _need(buf, vtable, self._vt_size)
         self._vtable = vtable
 
     def _field(self, slot: int) -> int:
         off = 4 + 2 * slot
         if off >= self._vt_size:
             return 0
-        rel = struct.unpack_from("<H", self.buf, self._vtable + off)[0]
+        rel = _read(self.buf, "<H", self._vtable + off)
         return self.pos + rel if rel else 0
 
     def uint(self, slot: int, default: int = 0) -> int:
         p = self._field(slot)
-        return struct.unpack_from("<I", self.buf, p)[0] if p else default
+        return _read(self.buf, "<I", p) if p else default
 
-    def vector_pos(self, slot: int) -> tuple[int, int]:
+    def vector_pos(self, slot: int, item_size: int = 1) -> tuple[int, int]:
         """(position of first element, length); (0, 0) when absent."""
         p = self._field(slot)
         if not p:
             return 0, 0
-        start = p + struct.unpack_from("<I", self.buf, p)[0]
-        return start + 4, struct.unpack_from("<I", self.buf, start)[0]
+        start = p + _read(self.buf, "<I", p)
+        n = _read(self.buf, "<I", start)
+        _need(self.buf, start + 4, n * item_size)
+        return start + 4, n
 
     def int_vector(self, slot: int) -> list[int]:
-        start, n = self.vector_pos(slot)
+        start, n = self.vector_pos(slot, 4)
         return list(struct.unpack_from(f"<{n}i", self.buf, start)) if n else []
 
     def tables(self, slot: int) -> list[_Table]:
-        start, n = self.vector_pos(slot)
-        out = []
-        for i in range(n):
-            p = start + 4 * i
-            out.append(_Table(self.buf, p + struct.unpack_from("<I", self.buf, p)[0]))
-        return out
+        start, n = self.vector_pos(slot, 4)
+        return [_Table(self.buf, p + _read(self.buf, "<I", p))
+                for p in range(start, start + 4 * n, 4)]
 
     def string(self, slot: int) -> str:
         start, n = self.vector_pos(slot)
-        return bytes(self.buf[start : start + n]).decode("utf-8", "replace") if n else ""
+        try:
+            return bytes(self.buf[start : start + n]).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            # The runtimes decode names strictly too, so a bad name would fail later anyway.
+            raise TFLiteFormatError(f"a name at byte {start} is not UTF-8 text") from exc
+
+
+def _need(buf: bytes | bytearray, pos: int, size: int) -> None:
+    if pos < 0 or pos + size > len(buf):
+        raise TFLiteFormatError(
+            f"damaged or truncated: an offset points outside the file (byte {pos} of "
+            f"{len(buf)})"
+        )
+
+
+def _read(buf: bytes | bytearray, fmt: str, pos: int) -> int:
+    _need(buf, pos, struct.calcsize(fmt))
+    value: int = struct.unpack_from(fmt, buf, pos)[0]
+    return value
 
 
 def _model(buf: bytes | bytearray) -> _Table:
     if len(buf) < 8 or buf[4:8] != b"TFL3":
         raise TFLiteFormatError("not a TFLite flatbuffer (missing 'TFL3' identifier)")
-    return _Table(buf, struct.unpack_from("<I", buf, 0)[0])
+    return _Table(buf, _read(buf, "<I", 0))
+
+
+def _subgraphs(buf: bytes | bytearray) -> list[_Table]:
+    subgraphs = _model(buf).tables(2)
+    if not subgraphs:
+        raise TFLiteFormatError("damaged: the model has no subgraph")
+    return subgraphs
+
+
+@contextmanager
+def _damaged() -> Iterator[None]:
+    """Any slip past the checks above still comes out as the one error callers expect."""
+    try:
+        yield
+    except (struct.error, IndexError, OverflowError, UnicodeDecodeError) as exc:
+        raise TFLiteFormatError(f"damaged or truncated: {exc}") from exc
 
 
 def tensor_names(buf: bytes) -> list[str]:
     """Names of the first subgraph's tensors, by index."""
-    subgraph = _model(buf).tables(2)[0]
-    return [t.string(3) for t in subgraph.tables(0)]
+    with _damaged():
+        return [t.string(3) for t in _subgraphs(buf)[0].tables(0)]
+
+
+def validate(buf: bytes) -> None:
+    """Raise TFLiteFormatError unless every subgraph's tensor table reads cleanly.
+
+    The runtimes verify the flatbuffer themselves but decode tensor names only when asked,
+    so a damaged name would otherwise surface as UnicodeDecodeError mid-classification.
+    """
+    with _damaged():
+        for subgraph in _subgraphs(buf):
+            for tensor in subgraph.tables(0):
+                tensor.string(3)
 
 
 def truncate_at_tensor(buf: bytes, tensor_name: str) -> bytes:
@@ -101,8 +155,12 @@ def truncate_at_tensor(buf: bytes, tensor_name: str) -> bytes:
     writes operators in execution order) and the single output index is rewritten. The
     result is checked by the caller to give bit-identical features to the original.
     """
-    data = bytearray(buf)
-    subgraph = _model(data).tables(2)
+    with _damaged():
+        return _truncate(bytearray(buf), tensor_name)
+
+
+def _truncate(data: bytearray, tensor_name: str) -> bytes:
+    subgraph = _subgraphs(data)
     if len(subgraph) != 1:
         raise TFLiteFormatError("only single-subgraph models can be truncated")
     sg = subgraph[0]
@@ -114,10 +172,10 @@ def truncate_at_tensor(buf: bytes, tensor_name: str) -> bytes:
     producer = next((i for i, op in enumerate(ops) if target in op.int_vector(2)), None)
     if producer is None:
         raise TFLiteFormatError(f"tensor {tensor_name!r} is not produced by any operator")
-    out_start, out_len = sg.vector_pos(2)
+    out_start, out_len = sg.vector_pos(2, 4)
     if out_len < 1:
         raise TFLiteFormatError("model has no outputs")
-    ops_start, _ = sg.vector_pos(3)
+    ops_start, _ = sg.vector_pos(3, 4)
     struct.pack_into("<I", data, ops_start - 4, producer + 1)
     struct.pack_into("<I", data, out_start - 4, 1)
     struct.pack_into("<i", data, out_start, target)

@@ -1,0 +1,209 @@
+"""`smartbin monitor` against messages of every shape: a retained message read by every
+monitor started later must never crash one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import paho.mqtt.client as mqtt
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bin_controller.errors import SmartbinError
+from bin_controller.tools.monitor import Fleet, run
+from tests.broker import Broker
+from tests.conftest import REPO
+
+
+def message(topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessage:
+    msg = mqtt.MQTTMessage(topic=topic.encode())
+    msg.payload = payload
+    msg.retain = retain
+    return msg
+
+
+def feed(fleet: Fleet, topic: str, payload: bytes | str | object) -> None:
+    if not isinstance(payload, bytes):
+        payload = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+    fleet.on_message(None, None, message(topic, payload))
+
+
+def row(screen: str, bin_id: str) -> list[str]:
+    return next(line.split() for line in screen.splitlines() if line.startswith(bin_id + " "))
+
+
+GOOD_EVENT = {"seq": 4, "time": 1700000000.0, "label": "苹果", "label_en": "apple",
+              "bin": "kitchen", "confidence": 0.9, "uncertain": False, "failed": False}
+
+
+def test_well_formed_messages_are_shown():
+    fleet = Fleet("smartbin")
+    feed(fleet, "smartbin/b1/availability", "online")
+    feed(fleet, "smartbin/b1/counts", {"recyclable": 1, "kitchen": 2, "hazardous": 0,
+                                       "other": 3, "total": 6})
+    feed(fleet, "smartbin/b1/state", {"state": "idle", "detail": ""})
+    feed(fleet, "smartbin/b1/event", GOOD_EVENT)
+    feed(fleet, "smartbin/b1/event", GOOD_EVENT)  # a duplicate (at least once delivery)
+    screen = fleet.render()
+    assert row(screen, "b1") == ["b1", "online", "idle", "1", "2", "0", "3", "6"]
+    items = [line for line in screen.splitlines() if "apple" in line]
+    assert len(items) == 1 and "#4" in items[0] and "-> kitchen 90%" in items[0]
+
+
+ALL_UNKNOWN_COUNTS = ["?"] * 5
+
+
+@pytest.mark.parametrize(("topic", "payload", "shown"), [
+    ("smartbin/b1/counts", {"recyclable": [1], "kitchen": "2", "hazardous": 10**30,
+                            "other": True, "total": {"n": 1}}, ALL_UNKNOWN_COUNTS),
+    ("smartbin/b1/counts", [1, 2, 3], ALL_UNKNOWN_COUNTS),
+    ("smartbin/b1/counts", b"[" * 100_000 + b"]" * 100_000, ALL_UNKNOWN_COUNTS),
+    ("smartbin/b1/counts", b"[" * 1000 + b"]" * 1000, ALL_UNKNOWN_COUNTS),
+    ("smartbin/b1/counts", b'{"total": ' + b"9" * 5000 + b"}", ALL_UNKNOWN_COUNTS),
+    ("smartbin/b1/counts", b'{"total": 1e999, "other": NaN}', ALL_UNKNOWN_COUNTS),
+    ("smartbin/b1/state", {"state": ["sorting"]}, ["?"]),
+    ("smartbin/b1/state", b"\xff\xfe\x00", ["?"]),
+    ("smartbin/b1/availability", b"\xff\xfe", ["?"]),
+    ("smartbin/b1/availability", "x" * 100_000, ["?"]),
+])
+def test_retained_values_of_the_wrong_shape_are_shown_as_unknown(topic, payload, shown):
+    fleet = Fleet("smartbin")
+    feed(fleet, topic, payload)
+    cols = row(fleet.render(), "b1")
+    where = {"counts": slice(3, 8), "state": slice(2, 3), "availability": slice(1, 2)}
+    assert cols[where[topic.rsplit("/", 1)[1]]] == shown
+
+
+@pytest.mark.parametrize("payload", [
+    {"seq": "4", "time": "yesterday", "label_en": ["apple"], "bin": {"x": 1},
+     "confidence": 10**30, "uncertain": "yes"},
+    {"seq": 5, "time": 1e300, "confidence": -1, "bin": 3},
+    {"seq": 6, "time": float("nan"), "bin_confidence": [0.5]},
+    {"seq": 10**50, "time": -5},
+    b'{"seq": 7, "time": 1e999}',
+    b'{"seq": 8, "confidence": NaN}',
+    b'{"seq": ' + b"1" * 5000 + b"}",
+    b"[" * 20_000,
+    "null",
+    b"\xc3\x28",
+])
+def test_events_of_the_wrong_shape_are_skipped_or_shown_with_question_marks(payload):
+    fleet = Fleet("smartbin")
+    feed(fleet, "smartbin/b1/event", payload)
+    feed(fleet, "smartbin/b1/event", GOOD_EVENT)
+    lines = fleet.render().splitlines()
+    items = lines[lines.index("recent items") + 1:]
+    assert any("apple" in line for line in items)  # the good one after it is still shown
+    for line in items:
+        if "apple" not in line:
+            assert "??:??:??" in line and "-> ?" in line and "%" not in line, line
+
+
+def test_wrong_counts_become_question_marks_not_values():
+    fleet = Fleet("smartbin")
+    feed(fleet, "smartbin/b1/counts", {"recyclable": [1], "kitchen": "2", "hazardous": 10**30,
+                                       "other": 5, "total": -1})
+    assert row(fleet.render(), "b1")[3:] == ["?", "?", "?", "5", "?"]
+
+
+def test_a_wrong_event_still_lists_what_can_be_read():
+    fleet = Fleet("smartbin")
+    feed(fleet, "smartbin/b1/event", {"seq": 9, "time": "noon", "label_en": "can",
+                                      "bin": "recyclable", "confidence": 7})
+    line = next(line for line in fleet.render().splitlines() if "#9" in line)
+    assert line.split()[:2] == ["??:??:??", "b1"] and "can" in line and "-> recyclable" in line
+    assert "%" not in line  # a confidence of 7 is not shown as 700%
+
+
+def test_escape_sequences_never_reach_the_terminal():
+    fleet = Fleet("smartbin")
+    feed(fleet, "smartbin/evil\x1b[2J/state", {"state": "\x1b]0;owned\x07idle"})
+    feed(fleet, "smartbin/evil\x1b[2J/event", {"seq": 1, "label_en": "\x1b[31mred",
+                                               "bin": "other\r"})
+    screen = fleet.render()
+    assert "\x1b" not in screen and "\x07" not in screen and "\r" not in screen
+    assert "evil?[2J" in screen
+
+
+def test_the_fleet_stays_bounded():
+    from bin_controller.tools import monitor
+
+    fleet = Fleet("smartbin")
+    for n in range(monitor.MAX_BINS + 50):
+        feed(fleet, f"smartbin/b{n}/availability", "online")
+    assert len(fleet.bins) == monitor.MAX_BINS
+
+
+topics = st.builds(lambda bin_id, rest: f"smartbin/{bin_id}/{rest}",
+                   st.text(max_size=8).filter(lambda s: "/" not in s),
+                   st.sampled_from(["availability", "counts", "state", "event", "stats",
+                                    "last", "counts/kitchen", "fault", "x/y"]) | st.text(
+                                        max_size=10)) | st.text(max_size=20)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(
+        st.sampled_from(["seq", "time", "label", "label_en", "error", "bin", "confidence",
+                         "bin_confidence", "uncertain", "failed", "state", "total",
+                         "kitchen", "other"]) | st.text(max_size=5), kids, max_size=5),
+    max_leaves=12)
+payloads = (st.binary(max_size=200)
+            | json_values.map(lambda v: json.dumps(v).encode())
+            | st.integers(1, 3000).map(lambda n: b"[" * n + b"]" * n)
+            | st.integers(4000, 6000).map(lambda n: b'{"total": ' + b"7" * n + b"}")
+            | st.sampled_from([b"NaN", b"-Infinity", b"1e999", b'{"time": 1e308}']))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(topics, payloads), max_size=8))
+def test_no_message_crashes_the_monitor(messages):
+    fleet = Fleet("smartbin")
+    for topic, payload in messages:
+        fleet.on_message(None, None, message(topic, payload))
+        assert isinstance(fleet.render(), str)
+
+
+def test_bad_options_are_one_line_errors():
+    def args(**over):
+        return argparse.Namespace(**{"host": "localhost", "port": 1883, "bin_id": "+",
+                                     "prefix": "smartbin", "seconds": 1, **over})
+
+    for over, message_ in [({"host": ":1883"}, "--host ':1883': the host is empty"),
+                           ({"host": "h:abc"}, "the port must be a number"),
+                           ({"bin_id": "a/b"}, "--bin-id 'a/b': must be one MQTT topic level"),
+                           ({"bin_id": "#"}, "--bin-id '#'"),
+                           ({"prefix": ""}, "--prefix '': must be one MQTT topic level"),
+                           ({"port": 70000}, "cannot reach the broker at localhost:70000")]:
+        with pytest.raises(SmartbinError, match=message_.replace("(", r"\(")):
+            run(args(**over))
+
+
+def test_a_bad_retained_message_does_not_stop_later_monitors(tmp_path):
+    broker = Broker(tmp_path)
+    broker.start()
+    try:
+        pub = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        for topic, payload in [
+                ("smartbin/bad/counts", b'{"kitchen": [1, 2], "total": "many"}'),
+                ("smartbin/bad/state", b"[" * 20_000 + b"]" * 20_000),
+                ("smartbin/bad/availability", b"\xff\xfe"),
+                ("smartbin/bad/event", b'{"seq": 1, "time": "noon", "confidence": 1e400}'),
+                ("smartbin/good/counts", b'{"recyclable": 1, "kitchen": 0, "hazardous": 0, '
+                                         b'"other": 0, "total": 1}')]:
+            pub.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
+        pub.loop_stop()
+        pub.disconnect()
+        for _ in range(2):  # the first monitor, and the next one that reads the same
+            r = subprocess.run([sys.executable, "-m", "bin_controller", "monitor", "--host",
+                                f"127.0.0.1:{broker.port}", "--seconds", "2"], cwd=REPO,
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+            assert row(r.stdout, "bad")[1:4] == ["?", "?", "?"]
+            assert row(r.stdout, "good")[-1] == "1"
+    finally:
+        broker.stop()
