@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -46,6 +47,7 @@ from bin_controller.store_recovery import (
     SidecarState,
     check_database,
     format_base,
+    fsync_dir,
     has_content,
     header_problem,
     inspect,
@@ -55,6 +57,7 @@ from bin_controller.store_recovery import (
     parse_seq,
     rebuild,
     salvage,
+    with_companions,
 )
 
 if TYPE_CHECKING:
@@ -104,14 +107,15 @@ CREATE TABLE IF NOT EXISTS outbox (
 TABLES = frozenset({"meta", "counts", "journal", "pending", "outbox"})
 
 
-def connect(path: Path, synchronous: str) -> sqlite3.Connection:
+def connect(path: Path, synchronous: str, *, wal: bool = True) -> sqlite3.Connection:
     """The store's connection (a seam: tests make the disk "full" with max_page_count)."""
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     # Damaged text reads as U+FFFD instead of failing the read it is part of.
     db.text_factory = _decode
     try:
         db.execute("PRAGMA busy_timeout=5000")
-        db.execute("PRAGMA journal_mode=WAL")
+        if wal:
+            db.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed item survives a power cut, not only a killed process.
         db.execute(f"PRAGMA synchronous={synchronous}")
     except BaseException:
@@ -206,7 +210,7 @@ class Store:
             problem = (f"{'is empty' if self.path.exists() else 'is missing'} but "
                        f"{self.sidecar.path.name} says the bin had counted {side.total} items")
         else:
-            return self._create(synchronous, None, Salvage())
+            return self._create(synchronous)
         return self._rebuild(synchronous, problem, side)
 
     def _open_existing(self, synchronous: str) -> tuple[sqlite3.Connection | None, str]:
@@ -259,19 +263,34 @@ class Store:
                 db.execute("ROLLBACK")
             raise
 
-    def _create(self, synchronous: str, rebuilt: Rebuilt | None,
-                old: Salvage) -> sqlite3.Connection:
-        """A new database: empty, or holding what was rebuilt from a damaged one."""
+    def _create(self, synchronous: str) -> sqlite3.Connection:
+        """The database at self.path, made complete (a new one is created)."""
         db: sqlite3.Connection | None = None
         try:
             db = connect(self.path, synchronous)
             self._complete_schema(db)
-            if rebuilt is not None:
-                self._fill(db, rebuilt, old)
         except sqlite3.Error as exc:
             _close_quietly(db)
             raise self._open_error(exc) from exc
         return db
+
+    def _build(self, path: Path, rebuilt: Rebuilt, old: Salvage) -> None:
+        """A complete database at `path` holding what was rebuilt. Made beside the damaged
+        one, without a WAL (one file to rename), so that when it cannot be made (a full
+        disk) nothing was moved and the next start tries again with the same old file."""
+        for leftover in with_companions(path):
+            leftover.unlink(missing_ok=True)
+        db: sqlite3.Connection | None = None
+        try:
+            db = connect(path, "FULL", wal=False)
+            self._complete_schema(db)
+            self._fill(db, rebuilt, old)
+            db.close()
+        except sqlite3.Error as exc:
+            _close_quietly(db)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise self._open_error(exc) from exc
 
     def _fill(self, db: sqlite3.Connection, rebuilt: Rebuilt, old: Salvage) -> None:
         """Counts, seq and what could be read of the old file's rows, in one transaction."""
@@ -299,10 +318,19 @@ class Store:
 
     def _rebuild(self, synchronous: str, problem: str,
                  side: SidecarState | None) -> sqlite3.Connection:
-        aside = move_aside(self.path)
-        old = salvage(aside) if aside is not None and has_content(aside) else Salvage()
+        old = salvage(self.path) if has_content(self.path) else Salvage()
         rebuilt = rebuild(old, side)
-        db = self._create(synchronous, rebuilt, old)
+        fresh = self.path.with_name(self.path.name + ".new")
+        try:
+            self._build(fresh, rebuilt, old)
+            aside = move_aside(self.path)
+            os.replace(fresh, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            if isinstance(exc, StoreError):
+                raise
+            raise self._open_error(exc) from exc
+        db = self._create(synchronous)
         where = f"moved aside to {aside.name}" if aside else "nothing to move aside"
         self.recovery = (f"{self.path} {problem}: {where}; counts rebuilt from "
                          f"{rebuilt.source}: {rebuilt.total} items, next seq {rebuilt.seq + 1}")

@@ -171,7 +171,7 @@ class Sidecar:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except OSError as exc:
             log.debug("%s: not refreshed: %s", self.path, exc)
             with contextlib.suppress(OSError):
@@ -180,7 +180,7 @@ class Sidecar:
         return True
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """The rename itself survives a power cut only once the folder is synced."""
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -483,12 +483,12 @@ def move_aside(path: Path) -> Path | None:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     aside = path.with_name(f"{path.name}.corrupt-{stamp}")
     n = 1
-    while any(p.exists() for p in _with_companions(aside)):
+    while any(p.exists() for p in with_companions(aside)):
         n += 1
         aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
     moved = False
     try:
-        for src, dst in zip(_with_companions(path), _with_companions(aside), strict=True):
+        for src, dst in zip(with_companions(path), with_companions(aside), strict=True):
             if src.exists():
                 os.replace(src, dst)
                 moved = moved or src == path
@@ -498,7 +498,7 @@ def move_aside(path: Path) -> Path | None:
     return aside if moved else None
 
 
-def _with_companions(path: Path) -> list[Path]:
+def with_companions(path: Path) -> list[Path]:
     return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
 
 

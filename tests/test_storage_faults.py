@@ -282,8 +282,8 @@ def test_unacknowledged_message_on_a_full_disk_is_kept_not_raised(tmp_path, monk
 def test_full_disk_at_start_is_one_clear_store_error(tmp_path, monkeypatch):
     real = store_module.connect
 
-    def full_connect(path, synchronous):
-        db = real(path, synchronous)
+    def full_connect(path, synchronous, **kw):
+        db = real(path, synchronous, **kw)
         db.execute("PRAGMA max_page_count=1")
         return db
 
@@ -292,12 +292,36 @@ def test_full_disk_at_start_is_one_clear_store_error(tmp_path, monkeypatch):
         Store(tmp_path / "state")
 
 
+def test_corrupt_database_on_a_full_disk_stays_put_until_it_can_be_rebuilt(tmp_path,
+                                                                          monkeypatch):
+    counts = filled(tmp_path, 150)
+    path = tmp_path / DB
+    garble_page(path, pages_of(path, "journal")[0])
+    damaged = path.read_bytes()
+    real = store_module.connect
+
+    def full_connect(path, synchronous, **kw):
+        db = real(path, synchronous, **kw)
+        db.execute("PRAGMA max_page_count=1")
+        return db
+
+    monkeypatch.setattr(store_module, "connect", full_connect)
+    with pytest.raises(StoreError, match="the disk is full"):
+        Store(tmp_path)
+    assert path.read_bytes() == damaged and asides(tmp_path) == []  # nothing moved
+    assert not (tmp_path / f"{DB}.new").exists()
+    monkeypatch.undo()  # space is back: the same old file is read, nothing lost
+    s = Store(tmp_path)
+    assert s.counts() == counts and s.recovery and "counts table" in s.recovery
+    s.close()
+
+
 def test_sound_database_opens_on_a_full_disk_and_counts_in_memory(tmp_path, monkeypatch):
     filled(tmp_path, 10)
     real = store_module.connect
 
-    def full_connect(path, synchronous):
-        db = real(path, synchronous)
+    def full_connect(path, synchronous, **kw):
+        db = real(path, synchronous, **kw)
         pages = db.execute("PRAGMA page_count").fetchone()[0]
         db.execute(f"PRAGMA max_page_count={pages}")
         return db
@@ -473,7 +497,7 @@ def test_machine_trouble_is_a_store_error_never_a_rebuild(tmp_path, monkeypatch,
     """An I/O error, a lock or permissions say nothing about the file: it stays put."""
     filled(tmp_path, 3)
 
-    def failing(path, synchronous):
+    def failing(path, synchronous, **kw):
         exc = sqlite3.OperationalError("disk I/O error")
         exc.sqlite_errorcode = code
         raise exc
