@@ -507,7 +507,9 @@ def test_machine_trouble_is_a_store_error_never_a_rebuild(tmp_path, monkeypatch,
         Store(tmp_path)
     assert asides(tmp_path) == []
     monkeypatch.undo()
-    assert Store(tmp_path).counts()["other"] + 0 >= 0 and asides(tmp_path) == []
+    s = Store(tmp_path)  # the machine is fine again: the same file, untouched
+    assert s.recovery is None and s.last_seq() == 3 and asides(tmp_path) == []
+    s.close()
 
 
 def test_inspect_changes_nothing(tmp_path):
