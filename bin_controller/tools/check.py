@@ -127,6 +127,13 @@ def _credentials_hint(cfg: Config) -> str:
             f"{cfg.mqtt.password_file or 'the mqtt_password credential'})")
 
 
+def _counts(cfg: Config) -> str:
+    """The count database as it would open: sound, new, or what a rebuild would start from."""
+    from bin_controller.store_recovery import check_store
+
+    return check_store(cfg.bin.state_dir)
+
+
 def _disk(cfg: Config) -> str:
     folder = Path(cfg.bin.state_dir)
     probe = folder
@@ -151,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"ok   config: {args.config or 'built-in defaults'} (bin {cfg.bin.id})", flush=True)
     checks: list[tuple[str, Callable[[Config], str]]] = [
         ("model", _model), ("pins", _pins), ("camera", _camera), ("broker", _broker),
-        ("disk", _disk)]
+        ("disk", _disk), ("counts", _counts)]
     failed = 0
     for name, fn in checks:
         try:
