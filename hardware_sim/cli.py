@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--camera-fail", help="ITEM[:FAILURES],... failed captures for an item")
     p.add_argument("--slow", help="ITEM[:SECONDS],... a slow classifier for an item")
     p.add_argument("--double-drop", help="item numbers followed by a second item mid-sort")
+    p.add_argument("--classifier-fail", help="ITEM[:FAILURES],... failed classifier calls")
+    p.add_argument("--disk-full-at", help="ITEM:N,... the disk is full from ITEM for N items "
+                                          "(the count database may not grow)")
     p.add_argument("--quiet", action="store_true", help="only the summary")
     p.add_argument("--mqtt", metavar="HOST[:PORT]", help="publish to this MQTT broker")
     p.add_argument("--bin-id", help="bin id in topics (default: the host name)")
@@ -92,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         camera_fail={k: int(v) for k, v in _pairs(args.camera_fail, int).items()},
         slow_classifier_s=_pairs(args.slow, float),
         double_drop=_item_numbers(args.double_drop),
+        classifier_fail={k: int(v) for k, v in _pairs(args.classifier_fail, int).items()},
+        disk_full={k: int(v) for k, v in _pairs(args.disk_full_at, int).items()},
     )
     on_item = None if args.quiet else (lambda item: print(_line(item), flush=True))
     with ExitStack() as stack:
@@ -166,6 +171,12 @@ def register(tables: CommandTables) -> None:
     b.add_argument("--config", type=Path)
     b.add_argument("--seconds", type=float, default=30.0)
     b.set_defaults(func=_bench_idle)
+    b = tables.bench.add_parser("soak", help="many items with faults, kills and broker "
+                                             "restarts: nothing lost, nothing counted twice")
+    b.set_defaults(func=_bench_soak)
+    from hardware_sim.soak import add_arguments as add_soak_arguments
+
+    add_soak_arguments(b)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -183,6 +194,12 @@ def _bench_idle(args: argparse.Namespace) -> int:
     from hardware_sim.bench import run_idle
 
     return run_idle(args)
+
+
+def _bench_soak(args: argparse.Namespace) -> int:
+    from hardware_sim.soak import run_soak
+
+    return run_soak(args)
 
 
 def configure_logging(verbose: bool) -> None:

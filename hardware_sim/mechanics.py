@@ -188,8 +188,7 @@ class SimBin:
             "platform": [{"id": i.id, "uid": i.uid, "true_class": i.true_class,
                           "true_bin": i.true_bin, "label_en": i.label_en}
                          for i in self.platform],
-            "landed": self.landed_before + [{"uid": i.uid, "compartment": i.compartment,
-                                             "true_bin": i.true_bin} for i in self.landed],
+            "landed": self.landed_before + [_landed_entry(i) for i in self.landed],
         }
         tmp = self.world / "world.json.tmp"
         with open(tmp, "w") as f:
@@ -197,6 +196,23 @@ class SimBin:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.world / "world.json")
+
+    def hand_over_landed(self, keep: Callable[[list[dict]], None]) -> int:
+        """Pass the record of landed items to `keep` (a long run's append-only log) and
+        forget it here, with their photos, so that saving the world on every change stays
+        small however many items a run sorts. `keep` runs first: a process killed in
+        between leaves an entry in both places, never in neither (uids tell them apart)."""
+        with self._lock:
+            entries = self.landed_before + [_landed_entry(i) for i in self.landed]
+            if not entries:
+                return 0
+            keep(entries)
+            self.landed_before, self.landed = [], []
+            self._save_world()
+        if self.world is not None:
+            for entry in entries:
+                (self.world / "items" / f"{entry['uid']}.npy").unlink(missing_ok=True)
+        return len(entries)
 
     # ------------------------------------------------------------------ sensor side
 
@@ -358,6 +374,10 @@ class SimBin:
             t.cancel()
         if self._own_factory:
             self.pin_factory.close()
+
+
+def _landed_entry(item: SimItem) -> dict:
+    return {"uid": item.uid, "compartment": item.compartment, "true_bin": item.true_bin}
 
 
 class SimCamera:
