@@ -25,6 +25,9 @@ from gpiozero.pins.mock import MockFactory, MockPWMPin, MockTriggerPin
 from bin_controller.config import Config, SimulatorSection
 
 SPEED_OF_SOUND = 343.0
+# State changes a mock pin remembers. gpiozero's keep every one (for its tests'
+# assert_states): five per item, without end, in a simulator that runs for days.
+PIN_HISTORY = 100
 
 
 @dataclass
@@ -64,12 +67,15 @@ class SimItem:
 
 
 class _ObservedPWMPin(MockPWMPin):
-    """A mock PWM pin that tells the mechanics about every new duty cycle."""
+    """A mock PWM pin that tells the mechanics about every new duty cycle, and remembers
+    only its last PIN_HISTORY states."""
 
     observer: Callable[[Any, float], None] | None = None
 
     def _change_state(self, value):
         changed = super()._change_state(value)
+        if len(self.states) > 2 * PIN_HISTORY:
+            del self.states[:-PIN_HISTORY]
         if changed and self.observer is not None:
             self.observer(self, float(value))
         return changed
@@ -219,12 +225,12 @@ class SimBin:
     def _setup_sensor_pins(self) -> None:
         s = self.cfg.sensor
         if s.type == "ultrasonic":
-            self.echo_pin = self.pin_factory.pin(s.echo_pin)
+            self.echo_pin = self.pin_factory.pin(s.echo_pin, pin_class=_ObservedPWMPin)
             self.trigger_pin = self.pin_factory.pin(
                 s.trigger_pin, pin_class=_TriggerPin, echo_pin=self.echo_pin,
                 echo_time=self._echo_time(False))
         else:
-            self.sensor_pin = self.pin_factory.pin(s.pin)
+            self.sensor_pin = self.pin_factory.pin(s.pin, pin_class=_ObservedPWMPin)
             self._drive(False)
 
     def _echo_time(self, present: bool) -> float:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from bin_controller.bins import BINS
 from bin_controller.config import load_config
 from hardware_sim import soak
-from hardware_sim.mechanics import SimBin, SimItem
+from hardware_sim.mechanics import PIN_HISTORY, SimBin, SimItem
 from hardware_sim.simulate import Simulation, sim_config
 from tests.broker import mosquitto_binary
 from tests.test_cli import smartbin
@@ -185,6 +185,18 @@ def test_world_keeps_its_record_when_the_hand_over_fails(tmp_path):
     again = SimBin(simulation.world.cfg, world=tmp_path / "world")  # a restarted process
     assert len(again.landed_before) == 2
     again.close()
+
+
+def test_mock_pins_forget_old_states(tmp_path):
+    # Five state changes per item (three on the flap's pin): a long simulation must not
+    # keep them all.
+    simulation, _ = _landed_world(tmp_path, 100)
+    try:
+        pins = simulation.bin.pin_factory.pins.values()
+        assert pins and all(len(p.states) <= 2 * PIN_HISTORY + 1 for p in pins)
+        assert max(len(p.states) for p in pins) >= PIN_HISTORY  # recent ones are kept
+    finally:
+        simulation.__exit__(None, None, None)
 
 
 def test_full_disk_holds_the_database_at_its_size_until_freed(tmp_path):
