@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 RSS_LIMIT_MB = 10.0  # growth allowed between item 1,000 and the end (the bound)
 RSS_FIRST_ITEM = 1000  # where the memory baseline is taken (past start-up and warm-up)
+RSS_SAMPLE_EVERY = 1000  # items between the samples of the report's memory series
 # Fault rates per item of a --faults plan: a few hundred faults in 100,000 items.
 JAM_RATE = 1 / 400
 CAMERA_FAIL_RATE = 1 / 150
@@ -535,9 +536,11 @@ class Soak:
         self.crashes = 0
         self.rss_first_kb: int | None = None  # when item RSS_FIRST_ITEM was sorted
         self.rss_end_kb: int | None = None
+        self.rss_series: list[tuple[int, int]] = []  # (item, resident kB) every 1,000 items
         self._restarts = list(plan.broker_restarts)
         self._outages: list[threading.Thread] = []
         self._closing = threading.Event()
+        self._proc: subprocess.Popen[str] | None = None
         self._rng = random.Random(plan.seed + 1)
         self._report_every = max(1000, plan.items // 10)
         self._next_report = self._report_every
@@ -558,6 +561,9 @@ class Soak:
             outage.join()
 
     def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:  # interrupted: end it too
+            self._proc.kill()
+            self._proc.wait()
         self._closing.set()
         for outage in self._outages:
             outage.join()
@@ -574,6 +580,7 @@ class Soak:
                 [sys.executable, "-m", "hardware_sim.soak", "worker", "--state-dir",
                  str(self.state), "--first", str(first), "--port", str(self.broker.port)],
                 stdout=subprocess.PIPE, stderr=err, text=True)
+        self._proc = proc
         life = Process(first, proc.pid)
         self.processes.append(life)
         killed = False
@@ -608,6 +615,8 @@ class Soak:
                 self.rss_first_kb = rss
             if number >= self.plan.items:
                 self.rss_end_kb = rss
+            if not self.rss_series or number >= self.rss_series[-1][0] + RSS_SAMPLE_EVERY:
+                self.rss_series.append((number, rss))
         while self._restarts and number >= self._restarts[0]:
             self._restarts.pop(0)
             outage = threading.Thread(target=self._outage, daemon=True)
@@ -677,19 +686,14 @@ def run_soak(args: argparse.Namespace) -> int:
         soak.run()
         delivered = soak.listener.wait_complete(args.items, DELIVERY_S)
         wall = time.monotonic() - started
-        world, on_flap = read_world(state)
-        report = evaluate(
-            items=args.items, world=world, on_flap=on_flap, database=read_database(state),
-            events=soak.listener.bins, duplicates=soak.listener.duplicates,
-            conflicts=soak.listener.conflicts, counts_total=soak.listener.counts_total,
-            rss_first_kb=soak.rss_first_kb, rss_end_kb=soak.rss_end_kb, crashes=soak.crashes,
-            faults_reported=dict(soak.listener.faults), disk_full_planned=bool(plan.disk_full))
-        report["memory"]["rss_at_item"] = min(RSS_FIRST_ITEM, args.items)
-        report["delivery_complete"] = delivered
+        report = _report(soak, plan, state)
+    except SmartbinError:
+        if temporary:
+            shutil.rmtree(state, ignore_errors=True)
+        raise
     finally:
         soak.close()
-    report.update(seed=args.seed, injected=injected,
-                  processes=[asdict(p) for p in soak.processes],
+    report.update(seed=args.seed, injected=injected, delivery_complete=delivered,
                   wall_s=round(wall, 1), items_per_s=round(args.items / wall, 1),
                   state_dir=None if temporary else str(state))
     _print(report)
@@ -702,6 +706,21 @@ def run_soak(args: argparse.Namespace) -> int:
     print(f"smartbin: soak failed: {', '.join(k for k, v in report['checks'].items() if not v)}"
           f"; state kept in {state}", file=sys.stderr)
     return 1
+
+
+def _report(soak: Soak, plan: Plan, state: Path) -> dict[str, Any]:
+    world, on_flap = read_world(state)
+    listener = soak.listener
+    report = evaluate(
+        items=plan.items, world=world, on_flap=on_flap, database=read_database(state),
+        events=listener.bins, duplicates=listener.duplicates, conflicts=listener.conflicts,
+        counts_total=listener.counts_total, rss_first_kb=soak.rss_first_kb,
+        rss_end_kb=soak.rss_end_kb, crashes=soak.crashes, faults_reported=dict(listener.faults),
+        disk_full_planned=bool(plan.disk_full))
+    report["memory"].update(rss_at_item=min(RSS_FIRST_ITEM, plan.items),
+                            series_kb=soak.rss_series)
+    report["processes"] = [asdict(p) for p in soak.processes]
+    return report
 
 
 def _print(r: dict[str, Any]) -> None:
