@@ -92,6 +92,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    f"seconds from 0 to {MAX_SLOW_S:g}"))
     p.add_argument("--double-drop", type=item_numbers, default=set(),
                    help="item numbers followed by a second item mid-sort")
+    p.add_argument("--classifier-fail", default={}, help="ITEM[:FAILURES],... failed "
+                   "classifier calls for an item", type=item_pairs(
+                       "FAILURES", whole(1), 1, "4:2", "failures 1 or more"))
+    p.add_argument("--disk-full-at", default={}, help="ITEM:N,... the disk is full from ITEM "
+                   "for N items (the count database may not grow)", type=item_pairs(
+                       "N", whole(1), 1, "10:5", "N 1 or more"))
     p.add_argument("--quiet", action="store_true", help="only the summary")
     p.add_argument("--mqtt", metavar="HOST[:PORT]", help="publish to this MQTT broker")
     p.add_argument("--bin-id", help="bin id in topics (default: the host name)")
@@ -106,7 +112,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check_item_numbers(args: argparse.Namespace) -> None:
     """Item numbers past --items would silently do nothing."""
     for option, numbers in (("--jam", args.jam), ("--camera-fail", args.camera_fail),
-                            ("--slow", args.slow), ("--double-drop", args.double_drop)):
+                            ("--slow", args.slow), ("--double-drop", args.double_drop),
+                            ("--classifier-fail", args.classifier_fail),
+                            ("--disk-full-at", args.disk_full_at)):
         beyond = sorted(n for n in numbers if n > args.items)
         if beyond:
             raise SmartbinError(f"{option}: item {beyond[0]} is past the last item "
@@ -140,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         camera_fail={k: int(v) for k, v in args.camera_fail.items()},
         slow_classifier_s=dict(args.slow),
         double_drop=set(args.double_drop),
+        classifier_fail={k: int(v) for k, v in args.classifier_fail.items()},
+        disk_full={k: int(v) for k, v in args.disk_full_at.items()},
     )
     on_item = None if args.quiet else (lambda item: print(_line(item), flush=True))
     with ExitStack() as stack:
@@ -219,6 +229,12 @@ def register(tables: CommandTables) -> None:
     b.add_argument("--config", type=path_arg)
     b.add_argument("--seconds", type=number(0, above=True), default=30.0)
     b.set_defaults(func=_bench_idle)
+    b = tables.bench.add_parser("soak", help="many items with faults, kills and broker "
+                                             "restarts: nothing lost, nothing counted twice")
+    b.set_defaults(func=_bench_soak)
+    from hardware_sim.soak import add_arguments as add_soak_arguments
+
+    add_soak_arguments(b)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -236,6 +252,12 @@ def _bench_idle(args: argparse.Namespace) -> int:
     from hardware_sim.bench import run_idle
 
     return run_idle(args)
+
+
+def _bench_soak(args: argparse.Namespace) -> int:
+    from hardware_sim.soak import run_soak
+
+    return run_soak(args)
 
 
 def configure_logging(verbose: bool) -> None:

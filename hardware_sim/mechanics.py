@@ -26,6 +26,9 @@ from bin_controller.config import Config, SimulatorSection
 from hardware_sim.items import FRAME
 
 SPEED_OF_SOUND = 343.0
+# State changes a mock pin remembers. gpiozero's keep every one (for its tests'
+# assert_states): five per item, without end, in a simulator that runs for days.
+PIN_HISTORY = 100
 
 
 @dataclass
@@ -65,12 +68,15 @@ class SimItem:
 
 
 class _ObservedPWMPin(MockPWMPin):
-    """A mock PWM pin that tells the mechanics about every new duty cycle."""
+    """A mock PWM pin that tells the mechanics about every new duty cycle, and remembers
+    only its last PIN_HISTORY states."""
 
     observer: Callable[[Any, float], None] | None = None
 
     def _change_state(self, value):
         changed = super()._change_state(value)
+        if len(self.states) > 2 * PIN_HISTORY:
+            del self.states[:-PIN_HISTORY]
         if changed and self.observer is not None:
             self.observer(self, float(value))
         return changed
@@ -189,8 +195,7 @@ class SimBin:
             "platform": [{"id": i.id, "uid": i.uid, "true_class": i.true_class,
                           "true_bin": i.true_bin, "label_en": i.label_en}
                          for i in self.platform],
-            "landed": self.landed_before + [{"uid": i.uid, "compartment": i.compartment,
-                                             "true_bin": i.true_bin} for i in self.landed],
+            "landed": self.landed_before + [_landed_entry(i) for i in self.landed],
         }
         tmp = self.world / "world.json.tmp"
         with open(tmp, "w") as f:
@@ -199,17 +204,34 @@ class SimBin:
             os.fsync(f.fileno())
         os.replace(tmp, self.world / "world.json")
 
+    def hand_over_landed(self, keep: Callable[[list[dict]], None]) -> int:
+        """Pass the record of landed items to `keep` (a long run's append-only log) and
+        forget it here, with their photos, so that saving the world on every change stays
+        small however many items a run sorts. `keep` runs first: a process killed in
+        between leaves an entry in both places, never in neither (uids tell them apart)."""
+        with self._lock:
+            entries = self.landed_before + [_landed_entry(i) for i in self.landed]
+            if not entries:
+                return 0
+            keep(entries)
+            self.landed_before, self.landed = [], []
+            self._save_world()
+        if self.world is not None:
+            for entry in entries:
+                (self.world / "items" / f"{entry['uid']}.npy").unlink(missing_ok=True)
+        return len(entries)
+
     # ------------------------------------------------------------------ sensor side
 
     def _setup_sensor_pins(self) -> None:
         s = self.cfg.sensor
         if s.type == "ultrasonic":
-            self.echo_pin = self.pin_factory.pin(s.echo_pin)
+            self.echo_pin = self.pin_factory.pin(s.echo_pin, pin_class=_ObservedPWMPin)
             self.trigger_pin = self.pin_factory.pin(
                 s.trigger_pin, pin_class=_TriggerPin, echo_pin=self.echo_pin,
                 echo_time=self._echo_time(False))
         else:
-            self.sensor_pin = self.pin_factory.pin(s.pin)
+            self.sensor_pin = self.pin_factory.pin(s.pin, pin_class=_ObservedPWMPin)
             self._drive(False)
 
     def _echo_time(self, present: bool) -> float:
@@ -368,6 +390,10 @@ def empty_flap(size: int = FRAME, seed: int = 0) -> np.ndarray:
     ramp = np.linspace(-12, 12, size)[None, :, None]
     floor = 80 + ramp + rng.normal(0, 6, (size, size, 3))
     return np.clip(floor, 0, 255).astype(np.uint8)
+
+
+def _landed_entry(item: SimItem) -> dict:
+    return {"uid": item.uid, "compartment": item.compartment, "true_bin": item.true_bin}
 
 
 class SimCamera:

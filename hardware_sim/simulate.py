@@ -36,14 +36,17 @@ class Faults:
     slow_classifier_s: dict[int, float] = field(default_factory=dict)
     double_drop: set[int] = field(default_factory=set)  # the next item drops mid-sort
     jam_clear_s: float = 0.5  # how long before the operator clears a jam (after the fault)
+    classifier_fail: dict[int, int] = field(default_factory=dict)  # item -> failed calls
+    disk_full: dict[int, int] = field(default_factory=dict)  # from item -> for n items
 
 
 class _SlowClassifier:
-    """Wraps the classifier to delay chosen items."""
+    """Wraps the classifier to delay chosen items, or to fail on them."""
 
     def __init__(self, inner: ImageClassifier) -> None:
         self.inner = inner
         self.delay_s = 0.0
+        self.fail_next = 0  # calls that raise, as a broken interpreter would
 
     @property
     def bundle(self) -> Bundle:
@@ -56,6 +59,9 @@ class _SlowClassifier:
     def classify_array(self, frame: np.ndarray) -> Prediction:
         if self.delay_s:
             time.sleep(self.delay_s)
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise RuntimeError("simulated classifier failure")
         return self.inner.classify_array(frame)
 
 
@@ -145,6 +151,7 @@ class Simulation:
         self._items: list[SimItem] = []
         self._thread = threading.Thread(target=self.loop.run, name="sorting-loop", daemon=True)
         self.started = time.monotonic()
+        self._page_limit: int | None = None  # the database's own limit while the disk is full
 
     def __enter__(self) -> Simulation:
         self.bin.start()
@@ -156,6 +163,25 @@ class Simulation:
         self.loop.stop()
         self._thread.join(timeout=10)
         self.bin.close()
+
+    # A full disk, as SQLite sees it: the count database may not grow past its present size
+    # (what `PRAGMA max_page_count` does), until free_disk().
+    def fill_disk(self) -> None:
+        store = self.bin.store
+        if store is None or self._page_limit is not None:
+            return
+        self._page_limit = int(store.db.execute("PRAGMA max_page_count").fetchone()[0])
+        pages = int(store.db.execute("PRAGMA page_count").fetchone()[0])
+        store.db.execute(f"PRAGMA max_page_count = {pages}")
+        log.warning("simulated disk full: the count database is held at %d pages", pages)
+
+    def free_disk(self) -> None:
+        store = self.bin.store
+        if store is None or self._page_limit is None:
+            return
+        store.db.execute(f"PRAGMA max_page_count = {self._page_limit}")
+        self._page_limit = None
+        log.warning("simulated disk full: space is back")
 
     def _on_event(self, event: SortEvent) -> None:
         with self._changed:
@@ -195,6 +221,11 @@ class Simulation:
             item.jam = number in faults.jam
             self.camera.fail_next = faults.camera_fail.get(number, 0)
             self.classifier.delay_s = faults.slow_classifier_s.get(number, 0.0)
+            self.classifier.fail_next = faults.classifier_fail.get(number, 0)
+            if number in faults.disk_full:
+                self.fill_disk()
+            elif any(at + n == number for at, n in faults.disk_full.items()):
+                self.free_disk()
             batch = [item]
             if number in faults.double_drop and index + 1 < len(items):
                 second = items[index + 1]
@@ -223,6 +254,8 @@ class Simulation:
                           [(i.compartment, len(i.events)) for i in batch] + [loop.state,
                                                                             len(sim.platform)])
                 break
+        if faults.disk_full:
+            self.free_disk()  # an episode running past the last item ends with the run
         return SimResult(items, list(self.events), loop, time.monotonic() - self.started,
                          timed_out)
 
