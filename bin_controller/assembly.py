@@ -77,8 +77,18 @@ class Bin:
             if isinstance(part, Background):
                 part.start()
         if self.store is not None:
+            decided = bool(self.store.pending())
             for event in self.store.recover(item_still_present=self.sensor.present):
                 log.info("recovered item #%d (%s)", event.seq, event.bin)
+            # An item decided but not counted is the one on the flap; otherwise an item on
+            # the flap while the last counted one was never seen to leave is that one.
+            if self.store.uncleared() and not (decided and self.sensor.present):
+                if self.sensor.present:
+                    log.warning("the last item counted before the restart still lies on the "
+                                "flap: waiting for it to be cleared, not sorting it again")
+                    self.loop.hold_until_clear()
+                else:
+                    self.store.cleared()
         if self.telemetry is not None:
             self.telemetry.start()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 from bin_controller.bins import BINS
 from bin_controller.domain import SortEvent
@@ -18,12 +19,21 @@ class MemoryRecorder:
     def begin(self, event: SortEvent) -> Pending:
         return Pending(event)
 
-    def commit(self, pending: Pending) -> SortEvent:
-        return self.record(pending.event)
+    def commit(self, pending: Pending, *, also: Sequence[SortEvent] = ()) -> SortEvent:
+        with self._lock:
+            for event in (pending.event, *also):
+                self._count(event)
+        return pending.event
+
+    def cleared(self) -> None:
+        pass
 
     def record(self, event: SortEvent) -> SortEvent:
         with self._lock:
-            event.seq = len(self.events) + 1
-            self.counts[event.bin] += 1
-            self.events.append(event)
+            self._count(event)
         return event
+
+    def _count(self, event: SortEvent) -> None:
+        event.seq = len(self.events) + 1
+        self.counts[event.bin] += 1
+        self.events.append(event)

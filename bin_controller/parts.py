@@ -7,7 +7,7 @@ loop's unit tests use small fakes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -123,8 +123,14 @@ class Recorder(Protocol):
         """Note a decided item before the flap moves (so a crash cannot lose or double it)."""
         ...
 
-    def commit(self, pending: Pending) -> SortEvent:
-        """Count the item begun with `begin`, once it has been sorted."""
+    def commit(self, pending: Pending, *, also: Sequence[SortEvent] = ()) -> SortEvent:
+        """Count the item begun with `begin`, once it has been sorted, with the items that
+        slid through beside it (`also`, numbered after it), all or none."""
+        ...
+
+    def cleared(self) -> None:
+        """The chute is clear of every item counted so far (a restart that finds an item on
+        the flap then knows it is a new one, not the last one jammed)."""
         ...
 
     def record(self, event: SortEvent) -> SortEvent:

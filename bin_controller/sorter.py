@@ -67,6 +67,7 @@ class SortingLoop:
         # A submitted command to run on the loop thread, or None: just wake up.
         self._wake: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._counted_on_flap = False  # see hold_until_clear
         self._stop = threading.Event()
         self._paused = False
         self._next_bin: str | None = None
@@ -247,6 +248,14 @@ class SortingLoop:
         idle (waiting up to loop.tick_s for something to happen when `wait`)."""
         self.heartbeat = time.monotonic()
         tick = self.cfg.loop.tick_s if wait else 0.0
+        if self._counted_on_flap:
+            if self.sensor.present:
+                self._fault("jam", "an item counted before the restart still lies on the flap")
+                self._wait_until_clear()
+            if not self.sensor.present:
+                self._counted_on_flap = False
+                self.recorder.cleared()
+            return False
         if self._paused:
             self._set_state(State.PAUSED)
             self._drain(tick)
@@ -322,31 +331,46 @@ class SortingLoop:
         event.decision_ms = round(((commanded[0] if commanded else time.monotonic()) - edge)
                                   * 1000, 2)
         event.cycle_ms = round((time.monotonic() - edge) * 1000, 2)
-        self._emit(self.recorder.commit(pending))
-        left = False in edges
         # Each clear after the first is another item that fell onto the tipped flap and
-        # slid straight through: it is in that compartment, so it is counted there.
-        for _ in range(max(0, edges.count(False) - 1)):
+        # slid straight through: it is in that compartment, so it is counted there, in the
+        # same transaction as the sorted item (a crash between the two would lose it).
+        passed = [SortEvent(
+            time=time.time(), bin=bin_name, label=None, label_en=None, confidence=None,
+            uncertain=False, failed=True, forced=False, cycle_ms=0.0, decision_ms=0.0,
+            model=bundle.name, model_version=bundle.version,
+            error="double drop: passed unsorted") for _ in range(max(0, edges.count(False) - 1))]
+        self._emit(self.recorder.commit(pending, also=passed))
+        for extra in passed:
             self._fault("double_drop", f"an item passed unsorted into {bin_name}")
-            self._emit(self.recorder.record(SortEvent(
-                time=time.time(), bin=bin_name, label=None, label_en=None, confidence=None,
-                uncertain=False, failed=True, forced=False, cycle_ms=0.0, decision_ms=0.0,
-                model=bundle.name, model_version=bundle.version,
-                error="double drop: passed unsorted")))
+            self._emit(extra)
+        left = False in edges
         self._set_state(State.CLEARING)
         if left and self.sensor.present:
             pass  # the first item left and another already waits: it gets its own cycle
         elif not self.sensor.wait_for_clear(cfg.sensor.jam_s):
             self._fault("jam", f"chute still blocked {cfg.sensor.jam_s:g} s after sorting")
-            self._set_state(State.FAULT, "jam")
-            while not self._stop.is_set() and not self.sensor.wait_for_clear(cfg.loop.tick_s):
-                self.heartbeat = time.monotonic()
-            log.info("jam cleared")
+            self._wait_until_clear()
+        if self.sensor.present and not left:
+            return  # stopped while jammed: the next start finds it counted, not cleared
+        self.recorder.cleared()
         if self.gate:
             self.gate.open_gate()
         if cfg.loop.cooldown_s > 0:
             self._set_state(State.COOLDOWN)
             self._wait(cfg.loop.cooldown_s)
+
+    def _wait_until_clear(self) -> None:
+        self._set_state(State.FAULT, "jam")
+        while not self._stop.is_set() and not self.sensor.wait_for_clear(self.cfg.loop.tick_s):
+            self.heartbeat = time.monotonic()
+        if not self.sensor.present:
+            log.info("jam cleared")
+
+    def hold_until_clear(self) -> None:
+        """At start: the last item was counted but never seen to leave, and something lies
+        on the flap: it is that item, jammed. Wait for the chute to clear instead of sorting
+        (and counting) it again."""
+        self._counted_on_flap = True
 
     def _frame_info(self) -> FrameInfo | None:
         camera = self.camera

@@ -27,7 +27,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -255,6 +255,9 @@ class Store:
             add_missing_columns(db)
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             db.execute("INSERT OR IGNORE INTO meta VALUES ('seq', '0')")
+            # A database from before this mark counts as cleared (nothing to hold at start).
+            db.execute("INSERT OR IGNORE INTO meta SELECT 'cleared', value FROM meta "
+                       "WHERE key = 'seq'")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('db_id', ?)", (uuid.uuid4().hex,))
             db.executemany("INSERT OR IGNORE INTO counts VALUES (?, 0)", [(b,) for b in BINS])
             db.execute("COMMIT")
@@ -300,6 +303,9 @@ class Store:
             db.executemany("UPDATE counts SET n = ? WHERE bin = ?",
                            [(n, b) for b, n in rebuilt.counts.items()])
             db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (str(rebuilt.seq),))
+            # Whether the last item left the flap is not known after a rebuild: an item
+            # found there is sorted (a possible double count beats a certain loss).
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('cleared', ?)", (str(rebuilt.seq),))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('base', ?)",
                        (format_base(rebuilt.seq, rebuilt.counts),))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('recovered', ?)",
@@ -484,22 +490,41 @@ class Store:
         self._dispatch()
         return Pending(event, pending_id)
 
-    def commit(self, pending: Pending) -> SortEvent:
-        """Count the item, journal it with the next sequence number and queue its message:
-        one transaction. Numbers are given here, so a pending item that turns out not to
-        have been sorted leaves no gap."""
+    def commit(self, pending: Pending, *, also: Sequence[SortEvent] = ()) -> SortEvent:
+        """Count the item, journal it with the next sequence number and queue its message,
+        with the items that slid through beside it (`also`): one transaction. Numbers are
+        given here, so a pending item that turns out not to have been sorted leaves no gap."""
         with self._lock:
             if pending.id is None or self._still_pending(pending.id):
-                self._count(pending.event, pending.id)
+                self._count([(pending.event, pending.id), *((e, None) for e in also)])
         self._dispatch()
         return pending.event
 
     def record(self, event: SortEvent) -> SortEvent:
         """Count an item that was never pending (it slid through unsorted)."""
         with self._lock:
-            self._count(event, None)
+            self._count([(event, None)])
         self._dispatch()
         return event
+
+    def cleared(self) -> None:
+        """The chute is clear of every item counted so far (see `uncleared`)."""
+        with self._lock:
+            seq = self._seq
+            self._write(lambda c: c.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('cleared', ?)", (str(seq),)))
+        self._dispatch()
+
+    def uncleared(self) -> bool:
+        """Whether the last item counted was never seen to leave the flap: after a crash
+        during a jam, an item found on the flap at start is that one, already counted."""
+        with self._lock:
+            try:
+                row = self.db.execute("SELECT value FROM meta WHERE key='cleared'").fetchone()
+            except sqlite3.Error:
+                return False
+        cleared = parse_seq(row[0]) if row else None
+        return cleared is not None and cleared < self._db_seq
 
     def _still_pending(self, pending_id: int) -> bool:
         """False once the item was committed (or resolved at start): counting it again
@@ -512,14 +537,16 @@ class Store:
         except sqlite3.Error:
             return True  # unreadable: counting it is better than losing it
 
-    def _count(self, event: SortEvent, pending_id: int | None) -> None:
-        """Number and count the item in memory, then write everything held, in order."""
-        self._seq += 1
-        event.seq = self._seq
-        self._held.append(_Held(event, pending_id))
-        self._held_counts[event.bin] = self._held_counts.get(event.bin, 0) + 1
-        if pending_id is not None:
-            self._held_ids.add(pending_id)
+    def _count(self, items: list[tuple[SortEvent, int | None]]) -> None:
+        """Number and count the items in memory, then write everything held, in order (the
+        items together: _flush writes up to FLUSH_CHUNK held items per transaction)."""
+        for event, pending_id in items:
+            self._seq += 1
+            event.seq = self._seq
+            self._held.append(_Held(event, pending_id))
+            self._held_counts[event.bin] = self._held_counts.get(event.bin, 0) + 1
+            if pending_id is not None:
+                self._held_ids.add(pending_id)
         if not self._flush():
             self._start_retry()
 

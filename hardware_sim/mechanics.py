@@ -178,7 +178,8 @@ class SimBin:
         for entry in data["platform"]:
             image = np.load(self.world / "items" / f"{entry['uid']}.npy")
             item = SimItem(entry["id"], entry["true_class"], entry["true_bin"], image,
-                           label_en=entry["label_en"], uid=entry["uid"])
+                           label_en=entry["label_en"], uid=entry["uid"],
+                           jam=entry.get("jam", False))
             self.platform.append(item)
         self._update_sensor()
 
@@ -193,7 +194,7 @@ class SimBin:
             return
         data = {
             "platform": [{"id": i.id, "uid": i.uid, "true_class": i.true_class,
-                          "true_bin": i.true_bin, "label_en": i.label_en}
+                          "true_bin": i.true_bin, "label_en": i.label_en, "jam": i.jam}
                          for i in self.platform],
             "landed": self.landed_before + [_landed_entry(i) for i in self.landed],
         }

@@ -209,7 +209,10 @@ class Simulation:
         loop, sim, changed = self.loop, self.world, self._changed
         timed_out = False
         # Whatever still lies on the flap from before (a restarted controller) is sorted
-        # first; a person waits for a clear flap before dropping the next item.
+        # first (or, jammed, cleared by the operator once reported); a person waits for a
+        # clear flap before dropping the next item.
+        if any(i.jam for i in sim.platform):
+            _clear_jam_when_reported(loop, sim, faults.jam_clear_s, changed, item_timeout_s)
         with changed:
             changed.wait_for(lambda: not sim.platform and loop.state == State.IDLE,
                              timeout=item_timeout_s)

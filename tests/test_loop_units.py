@@ -139,9 +139,12 @@ class SpyRecorder(MemoryRecorder):
         self.log.append(f"begin {event.bin}")
         return super().begin(event)
 
-    def commit(self, pending: Pending) -> SortEvent:
-        self.log.append(f"commit {pending.event.bin}")
-        return super().commit(pending)
+    def commit(self, pending: Pending, *, also=()) -> SortEvent:
+        self.log.append(f"commit {pending.event.bin}" + (f" +{len(also)}" if also else ""))
+        return super().commit(pending, also=also)
+
+    def cleared(self) -> None:
+        self.log.append("cleared")
 
 
 class Rig:
@@ -183,7 +186,7 @@ def test_an_item_is_classified_sorted_and_counted():
                                                                          "banana", 0.93)
     assert not (event.uncertain or event.failed or event.forced)
     assert event.model == "fake" and event.decision_ms >= 0
-    assert rig.log == ["begin kitchen", "sort kitchen", "commit kitchen"]
+    assert rig.log == ["begin kitchen", "sort kitchen", "commit kitchen", "cleared"]
     assert rig.loop.step() is False and rig.loop.state == State.IDLE
 
 
@@ -243,6 +246,8 @@ def test_a_second_item_through_the_tipped_flap_is_counted_where_it_fell():
     assert (first.seq, first.bin, first.failed) == (1, "recyclable", False)
     assert (second.seq, second.bin, second.failed) == (2, "recyclable", True)
     assert "double drop" in (second.error or "") and rig.faults == ["double_drop"]
+    # counted with the sorted item, all or none: a crash between two commits would lose it
+    assert "commit recyclable +1" in rig.log
 
 
 def test_a_jam_is_a_fault_until_the_chute_clears():
@@ -269,7 +274,7 @@ def test_the_gate_closes_for_the_cycle():
     rig = Rig(with_gate=True, gate={"enabled": True})
     rig.drop()
     assert rig.log == ["gate closed", "begin recyclable", "sort recyclable",
-                       "commit recyclable", "gate open"]
+                       "commit recyclable", "cleared", "gate open"]
 
 
 def test_commands_run_directly_when_the_loop_is_not_turning():
@@ -300,3 +305,22 @@ def test_a_command_answered_busy_never_happens_later():
         rig.loop._submit(lambda: moved.append(1), timeout=0.05)
     rig.loop.step()  # the loop takes its queued commands now
     assert moved == []
+
+
+def test_an_item_counted_before_a_restart_is_not_counted_again():
+    rig = Rig()
+    rig.sensor.set(True)  # found on the flap at start, already counted
+    rig.sensor.clears_after = 3
+    rig.loop.hold_until_clear()
+    assert rig.loop.step() is False
+    assert rig.events == [] and rig.faults == ["jam"] and rig.camera.calls == 0
+    assert rig.log == ["cleared"] and not rig.sensor.present
+    assert rig.drop() is True and len(rig.events) == 1  # the next item is sorted as usual
+
+
+def test_stopped_during_a_jam_the_item_is_not_marked_cleared():
+    rig = Rig()
+    rig.flap.stuck = True
+    rig.loop.on_state.append(lambda s, d: rig.loop.stop() if s == State.FAULT else None)
+    rig.drop()
+    assert len(rig.events) == 1 and "cleared" not in rig.log
