@@ -248,14 +248,15 @@ class Service:
     person dropping the plan's items from `first` to the end."""
 
     def __init__(self, state: Path, first: int, port: int) -> None:
-        from bin_controller.config import load_config
+        from bin_controller.config import FAST_MECHANICS, load_config, merge
         from hardware_sim.simulate import sim_config
 
         self.state, self.first = state, first
         self.plan = Plan.load(state / PLAN_FILE)
-        overrides = {"bin": {"id": BIN_ID, "state_dir": str(state)},
-                     "mqtt": {"enabled": True, "host": "127.0.0.1", "port": port},
-                     "sensor": {"jam_s": JAM_S}}
+        overrides = merge(FAST_MECHANICS, {
+            "bin": {"id": BIN_ID, "state_dir": str(state)},
+            "mqtt": {"enabled": True, "host": "127.0.0.1", "port": port},
+            "sensor": {"jam_s": JAM_S}})
         self.cfg = sim_config(load_config(None, overrides), fast=True, world=state / WORLD)
         self.disk_on = {at for at, _ in self.plan.disk_full}
         self.disk_off = {at + n for at, n in self.plan.disk_full}

@@ -236,19 +236,20 @@ def test_soak_refuses_bad_options(tmp_path):
 
 
 @pytest.mark.slow
-def test_short_soak_with_faults_kills_and_a_broker_restart(tmp_path):
+def test_short_soak_with_faults_kills_a_broker_restart_and_a_full_disk(tmp_path):
     mosquitto_binary()  # skips without mosquitto (fails in CI)
     report = tmp_path / "soak.json"
-    r = smartbin("bench", "soak", "--items", "2000", "--faults", "--kills", "2",
-                 "--broker-restarts", "1", "--seed", "1", "--state-dir", str(tmp_path / "s"),
-                 "--report", str(report))
+    r = smartbin("bench", "soak", "--items", "3000", "--faults", "--kills", "2",
+                 "--broker-restarts", "1", "--disk-full", "--seed", "2",
+                 "--state-dir", str(tmp_path / "s"), "--report", str(report))
     data = json.loads(report.read_text())
     assert r.returncode == 0, (r.stdout, r.stderr, data["checks"])
     assert data["ok"] and all(data["checks"].values())
-    assert data["items_dropped"] == data["counted"]["total"] == 2000
-    assert data["events"]["received"] == 2000 and data["events"]["missing_count"] == 0
+    assert data["items_dropped"] == data["counted"]["total"] == 3000
+    assert data["events"]["received"] == 3000 and data["events"]["missing_count"] == 0
+    assert data["checks"]["disk_full_reported"]
     assert data["injected"]["kills"] == 2 and data["injected"]["broker_restarts"] == 1
     assert [p["end"] for p in data["processes"]] == ["killed", "killed", "done"]
     assert data["injected"]["jams"] > 0 and data["injected"]["camera_failures"] > 0
     assert data["injected"]["classifier_failures"] > 0
-    assert "items dropped 2,000; counted 2,000" in r.stdout
+    assert "items dropped 3,000; counted 3,000" in r.stdout
