@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -639,7 +639,7 @@ class Store:
         with self._lock:
             rows = self.db.execute(f"SELECT id, {EVENT_COLUMNS} FROM pending "
                                    "ORDER BY id").fetchall()
-        return [Pending(SortEvent(**dict(zip(EVENT_FIELDS, r[1:], strict=True))), r[0])
+        return [Pending(_event(r[1:]), r[0])
                 for r in rows]
 
     def recover(self, item_still_present: bool) -> list[SortEvent]:
@@ -686,7 +686,7 @@ class Store:
                                    "ORDER BY seq DESC LIMIT ?",
                                    (limit,)).fetchall()
             held = [h.event for h in self._held[-limit:]] if limit > 0 else []
-        events = [SortEvent(**dict(zip(EVENT_FIELDS, r[1:], strict=True)), seq=r[0])
+        events = [_event(r[1:], seq=r[0])
                   for r in reversed(rows)]
         return (events + held)[-limit:] if limit > 0 else []
 
@@ -803,3 +803,15 @@ def _close_quietly(db: sqlite3.Connection | None) -> None:
     if db is not None:
         with contextlib.suppress(sqlite3.Error):
             db.close()
+
+
+_FLAGS = [f.name for f in fields(SortEvent) if f.type in (bool, "bool")]
+
+
+def _event(values: Sequence[object], seq: int = 0) -> SortEvent:
+    """A SortEvent from a journal or pending row: SQLite hands flags back as 0/1, and a
+    consumer of the `last` message must see the same true/false as in the `event`."""
+    row = dict(zip(EVENT_FIELDS, values, strict=True))
+    for name in _FLAGS:
+        row[name] = bool(row[name])
+    return SortEvent(**row, seq=seq)  # type: ignore[arg-type]

@@ -231,3 +231,16 @@ def _until(predicate, timeout=10.0, message=lambda: "timed out"):
     while not predicate():
         assert time.monotonic() < end, message()
         time.sleep(0.01)
+
+
+def test_flags_read_back_from_the_journal_are_booleans(tmp_path):
+    s = Store(tmp_path, message=event_message)
+    e = event("other")
+    e.uncertain = True
+    s.commit(s.begin(e))
+    last = s.last_event()
+    assert last.uncertain is True and last.failed is False and last.forced is False
+    s.begin(event("kitchen"))
+    (pending,) = s.pending()
+    assert pending.event.uncertain is False
+    s.close()
