@@ -161,6 +161,12 @@ def fault_payload(fault: Fault) -> str:
     return to_json({"kind": fault.kind, "detail": fault.detail, "time": fault.time})
 
 
+def fault_message(fault: Fault) -> OutboxMessage:
+    """A fault as an outbox message: delivered at least once, across outages and restarts,
+    in order with the events around it."""
+    return OutboxMessage(FAULT, fault_payload(fault), 1)
+
+
 def owner_payload(token: str, host: str, pid: int, since: float) -> str:
     """The retained claim on a bin id: which running service publishes for it."""
     return to_json({"token": token, "host": host, "pid": pid, "since": since})

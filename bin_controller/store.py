@@ -507,6 +507,17 @@ class Store:
         self._dispatch()
         return event
 
+    def queue(self, message: OutboxMessage) -> bool:
+        """Put a message (a fault) in the outbox on its own; False when it cannot be."""
+        with self._lock:
+            def put(c: sqlite3.Connection) -> bool:
+                self._queue(c, message.topic, message.payload, message.qos)
+                return True
+
+            written = self._write(put)
+        self._dispatch()
+        return written is True
+
     def cleared(self) -> None:
         """The chute is clear of every item counted so far (see `uncleared`)."""
         with self._lock:

@@ -505,3 +505,33 @@ def test_broker_address_mistakes_are_one_line(args, message, tmp_path):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr.startswith(f"smartbin: error: {message}") and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_fault_during_an_outage_arrives_afterwards(broker, tmp_path):
+    """Faults go through the outbox: one raised while the broker is away (a jam at night,
+    just before a crash) still reaches the dashboard."""
+    import time
+
+    from bin_controller.domain import Fault
+    from bin_controller.mqtt.telemetry import Telemetry
+    from bin_controller.payloads import event_message
+    from bin_controller.store import Store
+
+    store = Store(tmp_path / "state", message=event_message)
+    telemetry = Telemetry(mqtt_cfg(broker.port, bin_id="f1").mqtt, bin_id="f1", store=store)
+    broker.stop()
+    try:
+        telemetry.on_fault(Fault("jam", "chute still blocked 4 s after sorting"))
+        assert store.outbox_size() == 1
+        broker.start()
+        listener = Listener(broker.port, topic="smartbin/f1/fault", client_id="faults")
+        time.sleep(0.5)  # subscribed before the bin connects (the message is not retained)
+        telemetry.start()
+        assert telemetry.drain(30)
+        assert listener.wait_for(lambda li: li.payloads("smartbin/f1/fault"), timeout=30)
+        (payload,) = listener.payloads("smartbin/f1/fault")
+        assert json.loads(payload)["kind"] == "jam"
+        listener.close()
+    finally:
+        telemetry.stop()
+        store.close()

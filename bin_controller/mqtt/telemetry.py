@@ -34,6 +34,7 @@ from bin_controller.payloads import (
     OFFLINE,
     JsonObject,
     command_topic,
+    fault_message,
     reply_topic,
     to_json,
 )
@@ -108,12 +109,17 @@ class Telemetry:
         self._retained.on_state(state, detail)
 
     def on_fault(self, fault: Fault) -> None:
-        self._retained.on_fault(fault)
+        """Faults go through the outbox like events, so an operator hears of a jam during
+        a broker outage or just before a crash; straight to paho (QoS 1) only when the
+        store cannot take it (a full disk)."""
+        if self.store.queue(fault_message(fault)):
+            self._outbox.wake()
+        else:
+            self._retained.on_fault(fault, qos=1)
 
     def report_fault(self, fault: Fault) -> None:
-        """A fault of telemetry's own (the loop's come through on_fault): published at QoS 1
-        so that a connection dropped meanwhile does not lose it."""
-        self._retained.on_fault(fault, qos=1)
+        """A fault of telemetry's own (the loop's come through on_fault)."""
+        self.on_fault(fault)
 
     # ------------------------------------------------------------------ state
 
