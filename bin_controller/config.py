@@ -287,7 +287,10 @@ def _show(value: Any) -> str:
 
 
 def _clip(name: str) -> str:
-    """A key as an error line names it: shortened like a value, but unquoted."""
+    """A key as an error line names it: shortened like a value, unquoted unless it holds
+    characters that would break the line (a newline, a control character): then quoted."""
+    if not name.isprintable():
+        return _show(name)
     return name if len(name) <= SHOWN_VALUE_CHARS else name[:SHOWN_VALUE_CHARS - 3] + "..."
 
 

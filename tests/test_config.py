@@ -239,3 +239,11 @@ def test_nan_from_the_command_line_side_is_refused_too():
         config_from_dict({}, {"loop": {"tick_s": float("nan")}})
     with pytest.raises(ConfigError, match=r"^mqtt\.host = ''"):
         config_from_dict({}, {"mqtt": {"enabled": True, "host": ""}})
+
+
+@pytest.mark.parametrize("table", [{"\n": []}, {"model": {"a\tb": 1}},
+                                   {"flap": {"angles": {"x\ny": 3}}}])
+def test_a_key_with_a_line_break_is_quoted_in_its_one_line_error(table):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(table)
+    assert "\n" not in str(err.value) and "\t" not in str(err.value)
