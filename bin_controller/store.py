@@ -613,15 +613,17 @@ class Store:
             self._db_seq = chunk[-1].event.seq
 
     def _queue(self, c: sqlite3.Connection, topic: str, payload: str, qos: int) -> None:
-        c.execute("INSERT INTO outbox (topic, payload, qos, created) VALUES (?, ?, ?, ?)",
-                  (topic, payload, qos, time.time()))
-        n = c.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-        if n > self.outbox_max:
-            # Full: the oldest event messages go. Counts stay exact (they are published
-            # retained from the counts table); only the per-item history is thinned.
-            excess = n - self.outbox_max
-            c.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id "
-                      "LIMIT ?)", (excess,))
+        new_id = c.execute("INSERT INTO outbox (topic, payload, qos, created) VALUES "
+                           "(?, ?, ?, ?)", (topic, payload, qos, time.time())).lastrowid
+        # Full: the oldest messages go. Ids only grow (AUTOINCREMENT), so keeping the newest
+        # outbox_max ids bounds the outbox with one indexed range delete, where counting the
+        # rows on every item cost O(n) during a long outage. Counts stay exact (they are
+        # published retained from the counts table); only the per-item history is thinned.
+        if new_id is None or new_id <= self.outbox_max:
+            return
+        excess = c.execute("DELETE FROM outbox WHERE id <= ?",
+                           (new_id - self.outbox_max,)).rowcount
+        if excess > 0:
             self.dropped_messages += excess
             log.warning("outbox full (%d): dropped the %d oldest messages", self.outbox_max,
                         excess)
