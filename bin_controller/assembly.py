@@ -32,6 +32,8 @@ from bin_controller.parts import (
     Recorder,
 )
 from bin_controller.payloads import event_message
+from bin_controller.photolog import PhotoLog, photos_dir
+from bin_controller.sitelog import SiteLog
 from bin_controller.sorter import SortingLoop
 from bin_controller.store import Store
 from bin_controller.vision.classifier import Classifier
@@ -54,6 +56,19 @@ def open_store(cfg: Config, *, on_fault: Callable[[str, str], None] | None = Non
                  message=event_message, on_fault=on_fault)
 
 
+def open_photos(cfg: Config, store: Store) -> PhotoLog:
+    """The photo log and its site log, beside the store; the store frees photo space first
+    when the disk fills."""
+    sitelog = SiteLog(cfg.bin.state_dir, last_seq=store.last_seq())
+    try:
+        photos = PhotoLog(cfg.photos, photos_dir(cfg), sitelog)
+    except BaseException:
+        sitelog.close()
+        raise
+    store.spare = photos.spare
+    return photos
+
+
 @dataclass
 class Bin:
     """Every part of one bin, wired; `start()` brings it to life, `close()` ends it."""
@@ -68,6 +83,7 @@ class Bin:
     recorder: Recorder
     loop: SortingLoop
     store: Store | None = None
+    photos: PhotoLog | None = None
     telemetry: Telemetry | None = None
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
 
@@ -89,6 +105,8 @@ class Bin:
                     self.loop.hold_until_clear()
                 else:
                     self.store.cleared()
+        if self.photos is not None:
+            self.photos.start()
         if self.telemetry is not None:
             self.telemetry.start()
 
@@ -128,17 +146,24 @@ def build_bin(cfg: Config, *, classifier: ImageClassifier | None = None,
             store = recorder = open_store(
                 cfg, on_fault=lambda kind, detail: opening.append((kind, detail)))
             stack.callback(store.close)
+        photos = None
+        if store is not None:
+            photos = open_photos(cfg, store)
+            stack.callback(photos.sitelog.close)
+            stack.callback(photos.close)
         loop = SortingLoop(config=cfg, sensor=sensor, camera=camera, classifier=classifier,
-                           flap=flap, recorder=recorder, gate=gate)
+                           flap=flap, recorder=recorder, gate=gate, photos=photos)
         if isinstance(recorder, Store) and (recorder is store or recorder.on_fault is None):
             _route_store_faults(recorder, loop, opening)
+        if photos is not None:
+            photos.on_fault = loop.report_fault
         telemetry = None
         if cfg.mqtt.enabled and store is not None:
-            telemetry = _telemetry(cfg, loop, store)
+            telemetry = _telemetry(cfg, loop, store, photos)
             stack.callback(telemetry.stop)
         return Bin(config=cfg, pin_factory=pin_factory, camera=camera, sensor=sensor,
                    classifier=classifier, flap=flap, gate=gate, recorder=recorder, loop=loop,
-                   store=store, telemetry=telemetry, _stack=stack.pop_all())
+                   store=store, photos=photos, telemetry=telemetry, _stack=stack.pop_all())
     raise AssertionError("unreachable")  # pragma: no cover - ExitStack never swallows
 
 
@@ -151,7 +176,8 @@ def _route_store_faults(store: Store, loop: SortingLoop,
         loop.report_fault(kind, detail)
 
 
-def _telemetry(cfg: Config, loop: SortingLoop, store: Store) -> Telemetry:
+def _telemetry(cfg: Config, loop: SortingLoop, store: Store,
+               photos: PhotoLog | None) -> Telemetry:
     from bin_controller.mqtt.commands import make_handlers
 
     telemetry: Telemetry | None = None

@@ -191,6 +191,26 @@ class StoreSection:
 
 
 @dataclass(frozen=True)
+class PhotosSection:
+    keep: str = _opt("all", "Which items' photos are kept: all, uncertain (uncertain and "
+                            "failed items only) or none (no photo is written; privacy).",
+                     choices=("all", "uncertain", "none"))
+    dir: str = _opt("", "Folder of the photo log; empty: <bin.state_dir>/photos.", path=True)
+    max_mb: float = _opt(500.0, "Most the photos may take; past it the oldest confident, "
+                                "unreviewed photos go first (photos waiting for a review and "
+                                "reviewed ones are kept).", min=1.0, max=1_000_000.0)
+    keep_days: float = _opt(30.0, "Confident, unreviewed photos older than this are deleted; "
+                                  "photos waiting for a review and reviewed ones are kept.",
+                            min=0.01, max=36500.0)
+    min_free_mb: float = _opt(200.0, "Photos are deleted (and not written) to keep this much "
+                                     "of the disk free for the counts.", min=0.0,
+                              max=1_000_000.0)
+    quality: int = _opt(85, "JPEG quality of a kept photo.", min=30, max=100)
+    thumbnail_px: int = _opt(224, "Longer side of the per-item picture sent over MQTT.",
+                             min=32, max=1024)
+
+
+@dataclass(frozen=True)
 class MqttSection:
     enabled: bool = _opt(False, "Publish over MQTT (smartbin run/simulate --mqtt also sets it).")
     host: str = _opt("localhost", "Broker host (not empty when enabled).")
@@ -255,6 +275,7 @@ class Config:
     gate: GateSection = field(default_factory=GateSection)
     loop: LoopSection = field(default_factory=LoopSection)
     store: StoreSection = field(default_factory=StoreSection)
+    photos: PhotosSection = field(default_factory=PhotosSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     simulator: SimulatorSection = field(default_factory=SimulatorSection)
 

@@ -45,6 +45,10 @@ class SortEvent:
     frame_time: float | None = None
     exposure_us: int | None = None
     analogue_gain: float | None = None
+    # The bin the model chose (the item may have gone elsewhere: fallback, forced).
+    predicted_bin: str | None = None
+    # A photo of the item was taken for the photo log (photos.keep), under this seq.
+    photo: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

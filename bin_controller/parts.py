@@ -107,6 +107,18 @@ class Background(Protocol):
     def start(self) -> None: ...
 
 
+class PhotoSink(Protocol):
+    """Keeps each item's photo (the photo log); never delays the loop."""
+
+    def wants(self, event: SortEvent) -> bool:
+        """Whether this decided item's photo will be kept (its event says so)."""
+        ...
+
+    def keep(self, event: SortEvent, frame: np.ndarray | None) -> None:
+        """Take the committed item (its seq given) and the frame it was classified on."""
+        ...
+
+
 @dataclass(frozen=True)
 class Pending:
     """An item whose bin is decided and noted before the flap moves: the token the loop

@@ -27,6 +27,7 @@ from bin_controller.parts import (
     Flap,
     Gate,
     ImageClassifier,
+    PhotoSink,
     PresenceSensor,
     Recalibrates,
     Recorder,
@@ -48,6 +49,7 @@ class SortingLoop:
         flap: Flap,
         recorder: Recorder,
         gate: Gate | None = None,
+        photos: PhotoSink | None = None,
     ) -> None:
         self.cfg = config
         self.sensor = sensor
@@ -56,6 +58,7 @@ class SortingLoop:
         self.flap = flap
         self.gate = gate
         self.recorder = recorder
+        self.photos = photos
         self.state = State.IDLE
         self.state_detail = ""
         self.heartbeat = time.monotonic()
@@ -317,7 +320,9 @@ class SortingLoop:
             frame_time=shot.time if shot else None,
             exposure_us=shot.exposure_us if shot else None,
             analogue_gain=shot.analogue_gain if shot else None,
+            predicted_bin=prediction.bin if prediction else None,
         )
+        event.photo = frame is not None and self.photos is not None and self.photos.wants(event)
         # Journalled as pending before the flap moves: a crash from here on is resolved
         # on restart by whether the item is still on the flap (see store.py).
         pending = self.recorder.begin(event)
@@ -339,7 +344,7 @@ class SortingLoop:
             uncertain=False, failed=True, forced=False, cycle_ms=0.0, decision_ms=0.0,
             model=bundle.name, model_version=bundle.version,
             error="double drop: passed unsorted") for _ in range(max(0, edges.count(False) - 1))]
-        self._emit(self.recorder.commit(pending, also=passed))
+        self._emit(self.recorder.commit(pending, also=passed), frame)
         for extra in passed:
             self._fault("double_drop", f"an item passed unsorted into {bin_name}")
             self._emit(extra)
@@ -376,7 +381,11 @@ class SortingLoop:
         camera = self.camera
         return camera.last_frame if isinstance(camera, DescribesFrames) else None
 
-    def _emit(self, event: SortEvent) -> None:
+    def _emit(self, event: SortEvent, frame: np.ndarray | None = None) -> None:
+        if self.photos is not None:
+            # Handed over before the event's listeners run: the photo log numbers nothing,
+            # it files the frame under the seq the store just gave.
+            self.photos.keep(event, frame)
         for cb in self.on_event:
             cb(event)
 

@@ -168,6 +168,9 @@ class Store:
         self.message = message
         # Called with (kind, detail) outside the store's lock; None: the store logs it.
         self.on_fault = on_fault
+        # Frees space others own on the same disk (the photo log) before the store deletes
+        # anything of its own; returns the bytes freed, 0 when it has nothing left.
+        self.spare: Callable[[], int] | None = None
         self.dropped_messages = 0
         self.recovery: str | None = None  # what was done at open to a damaged database
         self.sidecar = Sidecar(self.path)
@@ -387,7 +390,7 @@ class Store:
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T | None:
         """Run `fn` in a transaction; on a full disk free space of our own and try again.
         None when it cannot be written (the fault is reported)."""
-        freed = [0, 0]
+        freed = [0, 0, 0]  # journal rows, event messages, photo bytes
         full = False
         while True:
             try:
@@ -395,10 +398,9 @@ class Store:
             except sqlite3.Error as exc:
                 if is_disk_full(exc):
                     full = True
-                    rows, messages = self._free_space()
-                    if rows or messages:
-                        freed[0] += rows
-                        freed[1] += messages
+                    step = self._free_space()
+                    if any(step):
+                        freed = [a + b for a, b in zip(freed, step, strict=True)]
                         continue
                 self._failed(exc, full, freed)
                 return None
@@ -409,9 +411,19 @@ class Store:
                 self._back()
             return result
 
-    def _free_space(self) -> tuple[int, int]:
-        """Delete what the store owns and can spare: journal rows beyond the floor first,
-        then the oldest unsent event messages. (journal rows, messages) deleted."""
+    def _free_space(self) -> tuple[int, int, int]:
+        """Make room: photos first (`spare`), then what the store owns and can spare:
+        journal rows beyond the floor, then the oldest unsent event messages. (journal rows,
+        messages, photo bytes) deleted."""
+        if self.spare is not None:
+            try:
+                photo_bytes = self.spare()
+            except Exception:  # the photos' trouble must not stop the counting
+                log.exception("freeing photo space failed")
+                photo_bytes = 0
+            if photo_bytes > 0:
+                return 0, 0, photo_bytes
+
         def delete(c: sqlite3.Connection) -> tuple[int, int]:
             rows = c.execute("DELETE FROM journal WHERE seq <= ?",
                              (self._db_seq - JOURNAL_FLOOR,)).rowcount
@@ -425,14 +437,14 @@ class Store:
             rows, messages = self._transaction(delete)
         except sqlite3.Error as exc:
             log.debug("freeing space failed: %s", exc)
-            return 0, 0
+            return 0, 0, 0
         with contextlib.suppress(sqlite3.Error):
             # Empties the WAL file too, when the disk allows it: space on a real disk.
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         if messages:
             self.dropped_messages += messages
             log.warning("disk full: dropped the %d oldest unsent event messages", messages)
-        return max(rows, 0), messages
+        return max(rows, 0), messages, 0
 
     def _failed(self, exc: sqlite3.Error, full: bool, freed: list[int]) -> None:
         self._trouble = "disk_full" if full else "store_error"
@@ -808,8 +820,12 @@ def _blank(db: sqlite3.Connection) -> bool:
 
 
 def _freed(freed: list[int]) -> str:
-    return (f"{freed[0]} old journal rows and {freed[1]} oldest unsent event messages"
-            if freed[1] else f"{freed[0]} old journal rows")
+    parts = [f"{freed[2] / 1e6:.1f} MB of photos"] if freed[2] else []
+    if freed[0] or not any(freed):
+        parts.append(f"{freed[0]} old journal rows")
+    if freed[1]:
+        parts.append(f"{freed[1]} oldest unsent event messages")
+    return " and ".join(parts)
 
 
 def _close_quietly(db: sqlite3.Connection | None) -> None:
