@@ -234,11 +234,12 @@ class PhotoLog:
         """After a restart: the picture of the newest item that has a photo, so `image`
         is published again with the seq it shows."""
         items, _ = self.sitelog.query(with_photo=True, limit=1)
-        if not items or items[0].photo is None:
+        photo = items[0].photo if items else None
+        if photo is None:
             return None
         item = items[0]
         try:
-            with Image.open(self.folder / item.photo) as img:
+            with Image.open(self.folder / photo) as img:
                 image = img.convert("RGB")
         except OSError:
             return None
