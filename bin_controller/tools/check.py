@@ -145,6 +145,27 @@ def _disk(cfg: Config) -> str:
     return f"{folder}: {free_mb:,.0f} MB free"
 
 
+def _photos(cfg: Config) -> str:
+    """Where photos go, what they take, and whether the disk leaves them room."""
+    from bin_controller.photolog import photos_dir
+
+    folder = photos_dir(cfg)
+    keep = cfg.photos.keep
+    if keep == "none":
+        return "photos.keep = none: no photo is written"
+    size = sum(p.stat().st_size for p in folder.rglob("*.jpg")) if folder.is_dir() else 0
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free_mb = shutil.disk_usage(probe).free / 2**20
+    if free_mb < cfg.photos.min_free_mb:
+        raise SmartbinError(f"{folder}: {free_mb:.0f} MB free, below photos.min_free_mb "
+                            f"({cfg.photos.min_free_mb:g}): no photo will be kept; free some "
+                            "space or lower photos.min_free_mb")
+    return (f"{folder}: keep {keep}, {size / 2**20:,.1f} of {cfg.photos.max_mb:g} MB used, "
+            f"older than {cfg.photos.keep_days:g} days pruned")
+
+
 def _fail(name: str, exc: BaseException) -> None:
     print(f"FAIL {name}: {exc}", file=sys.stderr, flush=True)
 
@@ -158,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"ok   config: {args.config or 'built-in defaults'} (bin {cfg.bin.id})", flush=True)
     checks: list[tuple[str, Callable[[Config], str]]] = [
         ("model", _model), ("pins", _pins), ("camera", _camera), ("broker", _broker),
-        ("disk", _disk), ("counts", _counts)]
+        ("disk", _disk), ("counts", _counts), ("photos", _photos)]
     failed = 0
     for name, fn in checks:
         try:
