@@ -179,6 +179,8 @@ def _route_store_faults(store: Store, loop: SortingLoop,
 def _telemetry(cfg: Config, loop: SortingLoop, store: Store,
                photos: PhotoLog | None) -> Telemetry:
     from bin_controller.mqtt.commands import make_handlers
+    from bin_controller.mqtt.review_commands import make_review_handlers
+    from bin_controller.review import Reviews
 
     telemetry: Telemetry | None = None
 
@@ -186,12 +188,23 @@ def _telemetry(cfg: Config, loop: SortingLoop, store: Store,
         if telemetry is not None and telemetry.connected.is_set():
             telemetry.publish_counts()
 
-    telemetry = Telemetry(cfg.mqtt, bin_id=cfg.bin.id, store=store,
-                          commands=make_handlers(
-                              cfg, loop, store, counts_changed,
-                              load_classifier=lambda ref: make_classifier(cfg.model, bundle=ref)),
-                          status=loop.status)
+    def publish_reply(suffix: str, payload: bytes) -> str:
+        assert telemetry is not None  # commands run only once telemetry has started
+        return telemetry.publish_reply(suffix, payload)
+
+    handlers = make_handlers(
+        cfg, loop, store, counts_changed,
+        load_classifier=lambda ref: make_classifier(cfg.model, bundle=ref))
+    if photos is not None:
+        # The labels of the model running now: a reload_model changes what a review knows.
+        reviews = Reviews(photos.sitelog, photos.folder,
+                          lambda: loop.classifier.bundle.labels)
+        handlers.update(make_review_handlers(reviews, photos, publish_reply, counts_changed))
+    telemetry = Telemetry(cfg.mqtt, bin_id=cfg.bin.id, store=store, commands=handlers,
+                          status=loop.status, photos=photos)
     loop.on_event.append(telemetry.on_event)
     loop.on_state.append(telemetry.on_state)
     loop.on_fault.append(telemetry.on_fault)
+    if photos is not None:
+        photos.on_photo.append(telemetry.on_photo)
     return telemetry

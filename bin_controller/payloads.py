@@ -31,6 +31,12 @@ FAULT = "fault"
 COMMAND = "cmd"
 REPLY = "reply"
 OWNER = "owner"
+# The last item's picture: the JPEG thumbnail, and what it shows (its seq) beside it.
+IMAGE = "image"
+IMAGE_META = "image/meta"
+IMAGE_CONTENT_TYPE = "image/jpeg"
+# The command whose answer is a JPEG on a topic of its own (reply/review_photo/<seq>).
+REVIEW_PHOTO = "review_photo"
 
 ONLINE = "online"
 OFFLINE = "offline"
@@ -144,8 +150,13 @@ def last_payload(event: SortEvent) -> str:
                     "failed": event.failed})
 
 
-def counts_payload(snapshot: Mapping[str, int]) -> str:
-    return to_json(snapshot)
+def counts_payload(snapshot: Mapping[str, int],
+                   contamination: Mapping[str, JsonValue] | None = None) -> str:
+    """The counts (what physically happened) and, when the bin keeps a site log, the
+    contamination reviewers found among them (SiteLog.contamination())."""
+    if contamination is None:
+        return to_json(dict(snapshot))
+    return to_json({**snapshot, "contamination": contamination})
 
 
 def bin_count_payloads(snapshot: Mapping[str, int]) -> dict[str, str]:
@@ -167,6 +178,21 @@ def fault_message(fault: Fault) -> OutboxMessage:
     return OutboxMessage(FAULT, fault_payload(fault), 1)
 
 
+IMAGE_META_FIELDS = ("seq", "time", "label", "bin", "bytes", "width", "height", "content_type")
+
+
+def image_meta_payload(meta: Mapping[str, object]) -> str:
+    """What the retained `image` shows (photolog.Thumbnail.meta()): the seq in it is also in
+    the item's `event` and in the JPEG's comment, so a consumer can tell a picture from the
+    one before it."""
+    return json.dumps({key: meta[key] for key in IMAGE_META_FIELDS}, ensure_ascii=False)
+
+
+def review_photo_topic(seq: int) -> str:
+    """Where `cmd/review_photo` puts the item's full photo (its JSON reply names it)."""
+    return f"{REPLY}/{REVIEW_PHOTO}/{seq}"
+
+
 def owner_payload(token: str, host: str, pid: int, since: float) -> str:
     """The retained claim on a bin id: which running service publishes for it."""
     return to_json({"token": token, "host": host, "pid": pid, "since": since})
@@ -174,11 +200,19 @@ def owner_payload(token: str, host: str, pid: int, since: float) -> str:
 
 def stats_report(*, uptime_s: float, cycle_ms_p50: float | None, cycle_ms_p95: float | None,
                  items_per_hour: int, outbox: int, version: str,
-                 status: Mapping[str, JsonValue], cpu_temperature_c: float | None) -> JsonObject:
-    """The `stats` message as an object (also what `Telemetry.stats()` returns)."""
+                 status: Mapping[str, JsonValue], cpu_temperature_c: float | None,
+                 contamination: Mapping[str, JsonValue] | None = None,
+                 photos: Mapping[str, JsonValue] | None = None) -> JsonObject:
+    """The `stats` message as an object (also what `Telemetry.stats()` returns); with a
+    site log, its contamination and the photo log's figures (photos_mb, photos_dropped,
+    photos_deleted)."""
     out: JsonObject = {"uptime_s": uptime_s, "cycle_ms_p50": cycle_ms_p50,
                        "cycle_ms_p95": cycle_ms_p95, "items_per_hour": items_per_hour,
                        "outbox": outbox, "version": version, **status}
     if cpu_temperature_c is not None:
         out["cpu_temperature_c"] = cpu_temperature_c
+    if photos is not None:
+        out.update(photos)
+    if contamination is not None:
+        out["contamination"] = contamination
     return out

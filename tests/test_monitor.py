@@ -54,6 +54,64 @@ def test_well_formed_messages_are_shown():
     assert len(items) == 1 and "#4" in items[0] and "-> kitchen 90%" in items[0]
 
 
+def contamination_row(screen: str, bin_id: str) -> list[str]:
+    lines = screen.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("contamination"))
+    return next(line.split() for line in lines[start + 2:] if line.startswith(f"  {bin_id} "))
+
+
+COUNTS = {"recyclable": 4, "kitchen": 2, "hazardous": 0, "other": 2, "total": 8}
+
+
+def test_contamination_is_shown_with_the_counts():
+    fleet = Fleet("smartbin")
+    feed(fleet, "smartbin/b1/counts", {**COUNTS, "contamination": {
+        "recyclable": {"reviewed": 3, "wrong": 1, "rate": 0.3333},
+        "kitchen": {"reviewed": 1, "wrong": 0, "rate": 0.0},
+        "hazardous": {"reviewed": 0, "wrong": 0, "rate": None},
+        "other": {"reviewed": 0, "wrong": 0, "rate": None},
+        "total": {"reviewed": 4, "wrong": 1, "rate": 0.25}, "reviewed_fraction": 0.5,
+        "items": 8}})
+    feed(fleet, "smartbin/b2/counts", COUNTS)  # a bin without a site log
+    screen = fleet.render()
+    assert row(screen, "b1")[3:] == ["4", "2", "0", "2", "8"]
+    assert contamination_row(screen, "b1") == ["b1", "25.0%", "50.0%", "1", "0", "0", "0"]
+    assert not [line for line in screen.splitlines() if line.startswith("  b2 ")]
+    feed(fleet, "smartbin/b1/counts", {**COUNTS, "contamination": {
+        "total": {"reviewed": 0, "wrong": 0, "rate": None}, "reviewed_fraction": 0.0}})
+    assert contamination_row(fleet.render(), "b1")[1:3] == ["-", "0.0%"]
+
+
+@pytest.mark.parametrize("contamination", [
+    {"total": {"rate": "high"}, "reviewed_fraction": 7, "recyclable": {"wrong": [1]},
+     "kitchen": {"wrong": -3}, "hazardous": "x", "other": {"wrong": 10**40}},
+    {"total": [0.5], "reviewed_fraction": {"a": 1}, "kitchen": None},
+    {"total": {"rate": -0.1}, "reviewed_fraction": 1.5},
+    [1, 2, 3],
+    "dirty",
+    7,
+    {"total": {"rate": True}, "reviewed_fraction": False},
+])
+def test_a_malformed_contamination_is_shown_as_unknown(contamination):
+    fleet = Fleet("smartbin")
+    feed(fleet, "smartbin/b1/counts", {**COUNTS, "contamination": contamination})
+    screen = fleet.render()
+    assert row(screen, "b1")[3:] == ["4", "2", "0", "2", "8"]  # the counts still read
+    assert contamination_row(screen, "b1") == ["b1"] + ["?"] * 6
+
+
+def test_a_contamination_that_is_not_json_does_not_crash_the_monitor():
+    fleet = Fleet("smartbin")
+    for raw in (b'{"total": 1, "contamination": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                b'{"total": 1, "contamination": {"total": {"rate": ' + b"9" * 5000 + b"}}}",
+                b'{"total": 1, "contamination": {"total": {"rate": NaN}}}',
+                b'{"total": 1, "contamination": {"total": {"rate": 1e999}}}'):
+        feed(fleet, "smartbin/b1/counts", raw)
+        assert isinstance(fleet.render(), str)
+    feed(fleet, "smartbin/b1/counts", {**COUNTS, "contamination": {"total": {"rate": 0.5}}})
+    assert contamination_row(fleet.render(), "b1")[1] == "50.0%"
+
+
 ALL_UNKNOWN_COUNTS = ["?"] * 5
 
 
@@ -148,7 +206,8 @@ json_values = st.recursive(
     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(
         st.sampled_from(["seq", "time", "label", "label_en", "error", "bin", "confidence",
                          "bin_confidence", "uncertain", "failed", "state", "total",
-                         "kitchen", "other"]) | st.text(max_size=5), kids, max_size=5),
+                         "kitchen", "other", "contamination", "rate", "wrong",
+                         "reviewed_fraction"]) | st.text(max_size=5), kids, max_size=5),
     max_leaves=12)
 payloads = (st.binary(max_size=200)
             | json_values.map(lambda v: json.dumps(v).encode())

@@ -58,14 +58,19 @@ def test_counts_events_state_and_stats_arrive(broker, demo, tmp_path):
     assert drained
     assert listener.wait_for(lambda li: len(event_seqs(li)) == 10)
     assert event_seqs(listener) == list(range(1, 11))
+    # Stopped cleanly: the goodbye is the last retained message; everything before it is in.
+    assert listener.wait_for(
+        lambda li: li.retained.get("smartbin/t1/availability") == b"offline")
     events = [json.loads(p) for p in listener.payloads("smartbin/t1/event")]
     assert {e["bin"] for e in events} <= set(BINS) and all(e["label"] for e in events)
     retained = json.loads(listener.retained["smartbin/t1/counts"])
     assert retained["total"] == 10 == sum(retained[b] for b in BINS)
-    assert retained == counts
+    assert {k: retained[k] for k in counts} == counts
+    # With the site log: what reviewers found (nothing yet), among every item logged.
+    assert retained["contamination"]["total"] == {"reviewed": 0, "wrong": 0, "rate": None}
+    assert retained["contamination"]["items"] == 10
     for b in BINS:
         assert int(listener.retained[f"smartbin/t1/counts/{b}"]) == counts[b]
-    assert listener.retained["smartbin/t1/availability"] == b"offline"  # stopped cleanly
     assert json.loads(listener.retained["smartbin/t1/state"])["state"] == "idle"
     listener.close()
 
@@ -122,17 +127,21 @@ def test_outbox_survives_a_restart_without_broker(broker, demo, tmp_path):
 def test_discovery_payloads(broker, demo, tmp_path):
     listener = Listener(broker.port, topic="homeassistant/#", client_id="ha")
     run_bin(mqtt_cfg(broker.port), demo, tmp_path, 1)
-    assert listener.wait_for(lambda li: len(li.retained) >= 9)
+    assert listener.wait_for(lambda li: len(li.retained) >= 11)
     configs = {t: json.loads(p) for t, p in listener.retained.items() if t.endswith("/config")}
     for b in BINS:
         conf = configs[f"homeassistant/sensor/smartbin_t1/count_{b}/config"]
         assert conf["state_class"] == "total_increasing"
         assert conf["state_topic"] == f"smartbin/t1/counts/{b}"
     for conf in configs.values():
-        assert {"name", "unique_id", "device", "state_topic"} <= set(conf)
+        assert {"name", "unique_id", "device"} <= set(conf)
+        assert {"state_topic", "image_topic"} & set(conf)
         assert conf["device"]["identifiers"] == ["smartbin_t1"]
     names = {c["name"] for c in configs.values()}
-    assert {"Items sorted", "Last item", "Last bin", "State", "Online"} <= names
+    assert {"Items sorted", "Last item", "Last bin", "State", "Online", "Contamination",
+            "Last item picture"} <= names
+    image = configs["homeassistant/image/smartbin_t1/last_image/config"]
+    assert image["image_topic"] == "smartbin/t1/image"
     assert all("availability_topic" in c for t, c in configs.items() if "/sensor/" in t)
     listener.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -29,15 +30,22 @@ from bin_controller.mqtt.discovery import discovery_payloads, node_id, status_to
 from bin_controller.mqtt.outbox import OutboxPublisher
 from bin_controller.mqtt.owner import OwnerClaim
 from bin_controller.payloads import (
+    IMAGE,
+    IMAGE_META,
     bin_count_payloads,
     counts_payload,
     event_message,
     fault_payload,
+    image_meta_payload,
     last_payload,
+    review_photo_topic,
     state_payload,
+    stats_report,
     to_json,
 )
+from bin_controller.photolog import PhotoLog, Thumbnail
 from bin_controller.store import Store
+from bin_controller.vision.bundle import Label
 
 # ---------------------------------------------------------------------- payloads
 # The strings below were captured from the single-class Telemetry before the split:
@@ -62,7 +70,9 @@ def test_event_message_bytes():
         '"confidence": 0.875, "uncertain": false, "failed": false, "forced": true, '
         '"cycle_ms": 123.5, "decision_ms": 45.25, "model": "demo", "model_version": "1", '
         '"error": null, "bin_confidence": 0.9, "seq": 1, "frame_time": null, '
-        '"exposure_us": null, "analogue_gain": null}')
+        '"exposure_us": null, "analogue_gain": null, "predicted_bin": null, "photo": false}')
+    m = event_message(sample_event(predicted_bin="other", photo=True))
+    assert m.payload.endswith('"predicted_bin": "other", "photo": true}')
 
 
 def test_retained_payload_bytes():
@@ -84,6 +94,42 @@ def test_retained_payload_bytes():
         '"last_fault": null}')
     assert fault_payload(Fault("jam", "chute blocked 2.0 s", 1700000001.5)) == (
         '{"kind": "jam", "detail": "chute blocked 2.0 s", "time": 1700000001.5}')
+
+
+CONTAMINATION = {
+    "recyclable": {"reviewed": 2, "wrong": 1, "rate": 0.5},
+    "kitchen": {"reviewed": 0, "wrong": 0, "rate": None},
+    "hazardous": {"reviewed": 0, "wrong": 0, "rate": None},
+    "other": {"reviewed": 1, "wrong": 0, "rate": 0.0},
+    "total": {"reviewed": 3, "wrong": 1, "rate": 0.3333}, "reviewed_fraction": 0.75,
+    "items": 4}
+
+
+def test_photo_and_contamination_payload_bytes():
+    snapshot = {"recyclable": 2, "kitchen": 1, "hazardous": 0, "other": 1, "total": 4}
+    assert counts_payload(snapshot, CONTAMINATION) == (
+        '{"recyclable": 2, "kitchen": 1, "hazardous": 0, "other": 1, "total": 4, '
+        '"contamination": {"recyclable": {"reviewed": 2, "wrong": 1, "rate": 0.5}, '
+        '"kitchen": {"reviewed": 0, "wrong": 0, "rate": null}, '
+        '"hazardous": {"reviewed": 0, "wrong": 0, "rate": null}, '
+        '"other": {"reviewed": 1, "wrong": 0, "rate": 0.0}, '
+        '"total": {"reviewed": 3, "wrong": 1, "rate": 0.3333}, "reviewed_fraction": 0.75, '
+        '"items": 4}}')
+    thumbnail = Thumbnail(seq=12, time=1700000000.5, jpeg=b"\xff\xd8" + b"x" * 98, width=224,
+                          height=168, label="易拉罐", bin="recyclable")
+    assert image_meta_payload(thumbnail.meta()) == (
+        '{"seq": 12, "time": 1700000000.5, "label": "易拉罐", "bin": "recyclable", '
+        '"bytes": 100, "width": 224, "height": 168, "content_type": "image/jpeg"}')
+    assert (IMAGE, IMAGE_META, review_photo_topic(12)) == (
+        "image", "image/meta", "reply/review_photo/12")
+    report = stats_report(uptime_s=1.0, cycle_ms_p50=None, cycle_ms_p95=None,
+                          items_per_hour=0, outbox=0, version="1", status={},
+                          cpu_temperature_c=None, contamination={"items": 0},
+                          photos={"photos_mb": 0.5, "photos_dropped": 0, "photos_deleted": 2})
+    assert to_json(report) == (
+        '{"uptime_s": 1.0, "cycle_ms_p50": null, "cycle_ms_p95": null, "items_per_hour": 0, '
+        '"outbox": 0, "version": "1", "photos_mb": 0.5, "photos_dropped": 0, '
+        '"photos_deleted": 2, "contamination": {"items": 0}}')
 
 
 def test_store_queues_what_it_is_given_and_nothing_otherwise(tmp_path):
@@ -277,29 +323,41 @@ def test_the_publisher_thread_delivers_what_is_queued_later(store):
 # ---------------------------------------------------------------------- discovery
 
 
-def test_discovery_topics_ids_and_state_topics():
+@pytest.mark.parametrize("photos", [False, True])
+def test_discovery_topics_ids_and_state_topics(photos):
     cfg = config_from_dict({"mqtt": {"discovery_prefix": "ha"}}).mqtt
-    out = discovery_payloads(cfg, "bin-7", "smartbin/bin-7")
+    out = discovery_payloads(cfg, "bin-7", "smartbin/bin-7", photos=photos)
     node = node_id("bin-7")
     assert node == "smartbin_bin_7"
     keys = [f"count_{b}" for b in BINS] + ["count_total", "last_item", "last_bin", "state"]
-    assert set(out) == {f"ha/sensor/{node}/{k}/config" for k in keys} | {
+    keys += ["contamination"] if photos else []
+    expected = {f"ha/sensor/{node}/{k}/config" for k in keys} | {
         f"ha/binary_sensor/{node}/online/config"}
+    expected |= {f"ha/image/{node}/last_image/config"} if photos else set()
+    assert set(out) == expected
     ids = [c["unique_id"] for c in out.values()]
-    assert len(set(ids)) == len(ids) == 9
+    assert len(set(ids)) == len(ids) == (11 if photos else 9)
     assert all(c["object_id"] == c["unique_id"] for c in out.values())
     for topic, conf in out.items():
         key = topic.split("/")[-2]
         assert conf["unique_id"] == f"{node}_{key}"
         assert conf["device"] == out[f"ha/binary_sensor/{node}/online/config"]["device"]
-        assert str(conf["state_topic"]).startswith("smartbin/bin-7/")
-        if "/sensor/" in topic:
+        read = conf.get("state_topic", conf.get("image_topic"))
+        assert str(read).startswith("smartbin/bin-7/")
+        if "/binary_sensor/" not in topic:
             assert conf["availability_topic"] == "smartbin/bin-7/availability"
     for b in BINS:
         conf = out[f"ha/sensor/{node}/count_{b}/config"]
         assert conf["state_topic"] == f"smartbin/bin-7/counts/{b}"
         assert conf["state_class"] == "total_increasing"
     assert out[f"ha/sensor/{node}/count_total/config"]["state_topic"] == "smartbin/bin-7/counts"
+    if photos:
+        image = out[f"ha/image/{node}/last_image/config"]
+        assert image["image_topic"] == "smartbin/bin-7/image"
+        assert image["content_type"] == "image/jpeg"
+        rate = out[f"ha/sensor/{node}/contamination/config"]
+        assert (rate["state_topic"], rate["unit_of_measurement"]) == (
+            "smartbin/bin-7/counts", "%")
     assert status_topic(cfg) == "ha/status"
 
 
@@ -320,6 +378,25 @@ def test_discovery_payload_bytes():
         '{"name": "Online", "state_topic": "smartbin/g-1/availability", "payload_on": '
         '"online", "payload_off": "offline", "device_class": "connectivity", "unique_id": '
         f'"smartbin_g_1_online", "object_id": "smartbin_g_1_online", {dev}}}')
+    with_photos = discovery_payloads(cfg, "g-1", "smartbin/g-1", photos=True)
+    assert to_json(with_photos["homeassistant/image/smartbin_g_1/last_image/config"]) == (
+        '{"name": "Last item picture", "image_topic": "smartbin/g-1/image", "content_type": '
+        '"image/jpeg", "unique_id": "smartbin_g_1_last_image", "object_id": '
+        f'"smartbin_g_1_last_image", {dev}, "availability_topic": '
+        '"smartbin/g-1/availability", "payload_available": "online", '
+        '"payload_not_available": "offline"}')
+    assert to_json(with_photos["homeassistant/sensor/smartbin_g_1/contamination/config"]) == (
+        '{"name": "Contamination", "state_topic": "smartbin/g-1/counts", "value_template": '
+        '"{% set c = value_json.contamination | default(none) %}{{ (c.total.rate * 100) | '
+        'round(1) if c and c.total.rate is not none else none }}", "state_class": '
+        '"measurement", "unit_of_measurement": "%", "json_attributes_topic": '
+        '"smartbin/g-1/counts", "json_attributes_template": "{{ (value_json.contamination | '
+        'default({})) | tojson }}", "icon": "mdi:delete-alert", "unique_id": '
+        '"smartbin_g_1_contamination", "object_id": "smartbin_g_1_contamination", '
+        f'{dev}, "availability_topic": "smartbin/g-1/availability", "payload_available": '
+        '"online", "payload_not_available": "offline"}')
+    # The entities of a bin without a photo log are the same bytes as before.
+    assert {t: c for t, c in with_photos.items() if t in out} == out
 
 
 # ---------------------------------------------------------------------- commands
@@ -919,3 +996,254 @@ def test_recalibrate_camera_reports_the_settled_exposure(bin_):
     bin_.loop.busy = True
     reply = bin_.commands.handle("recalibrate_camera", b"")
     assert not reply["ok"] and "flap empty" in reply["error"]
+
+
+# ---------------------------------------------------------------------- pictures, contamination
+
+
+class RecordingConn:
+    """A connection that records publishes; a pause inside each lets threads interleave."""
+
+    def __init__(self, pause_s: float = 0.0) -> None:
+        self.connected = threading.Event()
+        self.connected.set()
+        self.sent: list[tuple[str, str | bytes, bool]] = []
+        self.pause_s = pause_s
+
+    def publish(self, topic, payload, *, qos=0, retain=False):
+        self.sent.append((topic, payload, retain))
+        if self.pause_s:
+            time.sleep(self.pause_s)
+        return SimpleNamespace(rc=0, mid=len(self.sent))
+
+    def topics(self) -> list[str]:
+        return [t for t, _, _ in self.sent]
+
+
+def thumbnail(seq: int) -> Thumbnail:
+    return Thumbnail(seq=seq, time=1700000000.0 + seq, jpeg=f"jpeg {seq}".encode(), width=4,
+                     height=3, label="易拉罐", bin="recyclable")
+
+
+def test_a_picture_and_its_meta_go_out_together_from_any_thread():
+    from bin_controller.mqtt.pictures import Pictures
+
+    conn = RecordingConn(pause_s=0.0002)
+    newest: list[Thumbnail] = []
+    pictures = Pictures(conn, "s/b", lambda: newest[-1] if newest else None)
+
+    def writer():
+        for seq in range(1, 101):
+            newest.append(thumbnail(seq))
+            pictures.on_photo(newest[-1])
+
+    def reconnects():
+        for _ in range(100):
+            pictures.republish()
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reconnects)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert conn.sent and len(conn.sent) % 2 == 0
+    shown = []
+    for (meta_topic, meta, meta_retained), (image_topic, jpeg, image_retained) in zip(
+            conn.sent[::2], conn.sent[1::2], strict=True):
+        assert (meta_topic, image_topic) == ("s/b/image/meta", "s/b/image")
+        assert meta_retained and image_retained
+        seq = json.loads(meta)["seq"]
+        assert jpeg == f"jpeg {seq}".encode()
+        shown.append(seq)
+    assert shown == sorted(shown)  # a newer picture is never followed by an older one
+    assert shown[-1] == 100
+
+
+def test_pictures_wait_for_a_connection():
+    from bin_controller.mqtt.pictures import Pictures
+
+    conn = RecordingConn()
+    conn.connected.clear()
+    pictures = Pictures(conn, "s/b", lambda: thumbnail(3))
+    pictures.on_photo(thumbnail(3))
+    assert conn.sent == []  # dropped: the connect publishes the newest
+    pictures.republish()
+    assert conn.topics() == ["s/b/image/meta", "s/b/image"]
+    assert Pictures(conn, "s/b", lambda: None).republish() is None and len(conn.sent) == 2
+
+
+class FakeSiteLog:
+    def __init__(self) -> None:
+        self.version = 1
+        self.value = {"total": {"reviewed": 0, "wrong": 0, "rate": None}, "items": 0}
+        self.broken = False
+
+    def contamination(self) -> dict:
+        if self.broken:
+            raise sqlite3.OperationalError("database is locked")
+        return json.loads(json.dumps(self.value))
+
+    def data_version(self) -> int:
+        return self.version
+
+
+class FakeStore:
+    def snapshot(self):
+        return {"recyclable": 1, "kitchen": 0, "hazardous": 0, "other": 0, "total": 1}
+
+    def last_event(self):
+        return None
+
+    def outbox_size(self):
+        return 0
+
+
+def retained_state(sitelog):
+    from bin_controller.mqtt.retained import RetainedState
+
+    conn = RecordingConn()
+    state = RetainedState(conn, FakeStore(), "s/b", status=dict, stats_interval_s=60,
+                          reviewed=sitelog, photo_stats=lambda: {"photos_mb": 1.5})
+    return conn, state
+
+
+def counts_sent(conn: RecordingConn) -> list[dict]:
+    return [json.loads(p) for t, p, _ in conn.sent if t == "s/b/counts"]
+
+
+def test_counts_carry_the_contamination_and_follow_other_writers(caplog):
+    from bin_controller.mqtt import retained
+
+    sitelog = FakeSiteLog()
+    conn, state = retained_state(sitelog)
+    state.republish()
+    assert counts_sent(conn)[-1] == {**FakeStore().snapshot(),
+                                     "contamination": sitelog.value}
+    state.poll_reviews()
+    assert len(counts_sent(conn)) == 1  # nothing changed: nothing sent
+    # Another process reviewed an item: the log's data_version moves.
+    sitelog.value = {"total": {"reviewed": 1, "wrong": 1, "rate": 1.0}, "items": 1}
+    sitelog.version = 2
+    state.poll_reviews()
+    assert counts_sent(conn)[-1]["contamination"] == sitelog.value
+    assert conn.topics()[-1] == "s/b/counts"  # counts/<bin> did not change
+    state.poll_reviews()
+    assert len(counts_sent(conn)) == 2
+    # An item was counted: its row reaches the site log a moment later, on another thread.
+    state.on_event(sample_event(seq=2))
+    sent = len(counts_sent(conn))
+    sitelog.value = {**sitelog.value, "items": 2}
+    state.poll_reviews()
+    assert len(counts_sent(conn)) == sent + 1
+    assert counts_sent(conn)[-1]["contamination"]["items"] == 2
+    # The sorting thread's publish never reads the site log.
+    sitelog.broken = True
+    state.on_event(sample_event(seq=3))
+    assert counts_sent(conn)[-1]["contamination"]["items"] == 2
+    # A site log that cannot be read: the counts still go out, with the last value.
+    with caplog.at_level(logging.WARNING, logger="bin_controller.mqtt.retained"):
+        state.publish_counts(refresh=True)
+    assert counts_sent(conn)[-1]["contamination"]["items"] == 2
+    assert "database is locked" in caplog.text
+    sitelog.broken = False
+    stats = state.stats()
+    assert stats["contamination"] == sitelog.value and stats["photos_mb"] == 1.5
+    conn.connected.clear()
+    sitelog.version = 3
+    sent = len(conn.sent)
+    state.poll_reviews()  # offline: the next connect publishes
+    assert len(conn.sent) == sent
+    assert retained.POLL_S <= 1.0
+
+
+def test_without_a_site_log_counts_are_as_before():
+    conn, state = retained_state(None)
+    state.republish()
+    state.poll_reviews()
+    assert counts_sent(conn) == [FakeStore().snapshot()]
+    assert "contamination" not in state.stats() and state.stats()["photos_mb"] == 1.5
+
+
+# ---------------------------------------------------------------------- review commands
+
+
+LABELS = [Label("可回收物_易拉罐", "can", "recyclable"), Label("厨余垃圾_果皮", "peel", "kitchen"),
+          Label("其他垃圾_纸巾", "tissue", "other")]
+
+
+@pytest.fixture
+def review(tmp_path):
+    from bin_controller.mqtt.review_commands import make_review_handlers
+    from bin_controller.review import Reviews
+    from bin_controller.sitelog import SiteLog
+
+    sitelog = SiteLog(tmp_path)
+    for seq, (label, bin_name) in enumerate([("可回收物_易拉罐", "recyclable"),
+                                             ("厨余垃圾_果皮", "kitchen"),
+                                             ("其他垃圾_纸巾", "other")], start=1):
+        sitelog.add_item(sample_event(seq=seq, label=label, bin=bin_name,
+                                      predicted_bin=bin_name))
+    photo = tmp_path / "photos" / "00000002.jpg"
+    photo.parent.mkdir()
+    photo.write_bytes(b"\xff\xd8 the photo of #2")
+    sitelog.set_photo(2, "00000002.jpg", photo.stat().st_size)
+    published: list[tuple[str, bytes]] = []
+    changed: list[int] = []
+
+    photos = PhotoLog(config_from_dict({}).photos, photo.parent, sitelog)  # not started
+    def publish(suffix, data):
+        published.append((suffix, data))
+        return f"s/b/{suffix}"
+
+    handlers = make_review_handlers(Reviews(sitelog, photo.parent, lambda: LABELS), photos,
+                                    publish, lambda: changed.append(1))
+    yield SimpleNamespace(sitelog=sitelog, commands=Commands(handlers), published=published,
+                          changed=changed)
+    sitelog.close()
+
+
+def reviews_of(sitelog) -> list[tuple]:
+    return sitelog.db.execute("SELECT seq, verdict, label, bin, reached, source FROM reviews "
+                              "ORDER BY seq").fetchall()
+
+
+def test_review_commands_record_verdicts_and_republish_the_counts(review):
+    c = review.commands
+    reply = c.handle("label", b'{"seqs": [1, 3], "label": "peel", "id": 5}')
+    assert reply == {"ok": True, "seqs": [1, 3], "label": "厨余垃圾_果皮", "bin": "kitchen",
+                     "new_label": False, "wrong": 2, "command": "label", "id": 5}
+    assert c.handle("accept", b'{"seq": 2}')["ok"]
+    reply = c.handle("label", b'{"seq": 2, "label": "glass jar", "bin": "recyclable"}')
+    assert reply["ok"] and reply["new_label"] and reply["wrong"] == 1
+    assert review.changed == [1, 1, 1]
+    assert reviews_of(review.sitelog) == [
+        (1, "corrected", "厨余垃圾_果皮", "kitchen", "recyclable", "mqtt"),
+        (2, "corrected", "glass jar", "recyclable", "kitchen", "mqtt"),
+        (3, "corrected", "厨余垃圾_果皮", "kitchen", "other", "mqtt")]
+    page = c.handle("review_list", b'{"limit": 2, "unreviewed": false}')
+    assert [i["seq"] for i in page["items"]] == [3, 2] and page["next_before"] == 2
+    assert page["items"][0]["review"]["label"] == "厨余垃圾_果皮"
+    reply = c.handle("review_photo", b'{"seq": 2}')
+    assert reply == {"ok": True, "seq": 2, "topic": "s/b/reply/review_photo/2",
+                     "bytes": 18, "command": "review_photo"}
+    assert review.published == [("reply/review_photo/2", b"\xff\xd8 the photo of #2")]
+    reply = c.handle("review_photo", b'{"seq": 1}')
+    assert not reply["ok"] and "item #1 has no photo" in reply["error"]
+
+
+def test_a_refused_review_command_changes_nothing(review):
+    c = review.commands
+    assert c.handle("accept", b'{"seq": 1}')["ok"]
+    before = reviews_of(review.sitelog)
+    changed = len(review.changed)
+    for name, payload in [("label", b'{"seqs": [2, 3, 4], "label": "peel"}'),
+                          ("label", b'{"seqs": [2, 3], "label": "tissue", "bin": "kitchen"}'),
+                          ("label", b'{"seqs": [2, "3"], "label": "peel"}'),
+                          ("label", b'{"seq": 2, "label": "new thing"}'),
+                          ("accept", b'{"seqs": [2, 3, 99]}'),
+                          ("accept", b'{"seqs": [2], "seq": 3}'),
+                          ("accept", b'{"seqs": [' + b"2," * 40_000 + b"3]}")]:
+        reply = c.handle(name, payload)
+        assert reply["ok"] is False and "\n" not in reply["error"], (name, payload[:60])
+        assert reviews_of(review.sitelog) == before
+    assert len(review.changed) == changed  # nothing to republish

@@ -95,7 +95,7 @@ def request_id(payload: bytes) -> JsonValue:
         return None
 
 
-def _fields(args: JsonObject, *allowed: str, required: tuple[str, ...] = ()) -> None:
+def check_fields(args: JsonObject, *allowed: str, required: tuple[str, ...] = ()) -> None:
     unknown = sorted(set(args) - set(allowed))
     if unknown:
         raise CommandError(f"unexpected field(s) {', '.join(unknown)}; allowed: "
@@ -151,17 +151,17 @@ def make_handlers(cfg: Config, loop: LoopControl, store: CountsReset,
     bundle's classifier (the composition root's, so a reload is built like the first)."""
 
     def pause(args: JsonObject) -> JsonObject:
-        _fields(args)
+        check_fields(args)
         loop.pause()
         return {"paused": True}
 
     def resume(args: JsonObject) -> JsonObject:
-        _fields(args)
+        check_fields(args)
         loop.resume()
         return {"paused": False}
 
     def reset_counts(args: JsonObject) -> JsonObject:
-        _fields(args, "confirm", required=("confirm",))
+        check_fields(args, "confirm", required=("confirm",))
         if args["confirm"] != RESET_CONFIRMATION:
             raise CommandError(f'confirm must be "{RESET_CONFIRMATION}"')
         before = store.reset_counts()
@@ -169,13 +169,13 @@ def make_handlers(cfg: Config, loop: LoopControl, store: CountsReset,
         return {"before": before}
 
     def sort_next(args: JsonObject) -> JsonObject:
-        _fields(args, "bin", required=("bin",))
+        check_fields(args, "bin", required=("bin",))
         bin_name = _bin(args["bin"])
         loop.sort_next(bin_name)
         return {"bin": bin_name}
 
     def calibrate(args: JsonObject) -> JsonObject:
-        _fields(args, "bin", "angle")
+        check_fields(args, "bin", "angle")
         if ("bin" in args) == ("angle" in args):
             raise CommandError("give exactly one of bin or angle")
         try:
@@ -186,7 +186,7 @@ def make_handlers(cfg: Config, loop: LoopControl, store: CountsReset,
             raise BusyError(str(exc)) from exc
 
     def reload_model(args: JsonObject) -> JsonObject:
-        _fields(args, "bundle")
+        check_fields(args, "bundle")
         # The configured bundle may be a path (the config is the owner's); a command's is
         # a name, looked up in the two bundle folders only (never the working directory).
         ref = (str(named_bundle(cfg.model.dir, bundle_name(args["bundle"])))
@@ -201,7 +201,7 @@ def make_handlers(cfg: Config, loop: LoopControl, store: CountsReset,
                 "previous": f"{old.bundle.name} {old.bundle.version}"}
 
     def recalibrate_camera(args: JsonObject) -> JsonObject:
-        _fields(args)
+        check_fields(args)
         # CommandError (no exposure to fix), BusyError (an item on the flap) and
         # HardwareError (exposure = 'auto', a camera failure) are answered as errors.
         settled = loop.recalibrate_camera()

@@ -167,8 +167,9 @@ class Connection:
 
     # ------------------------------------------------------------------ use
 
-    def publish(self, topic: str, payload: str, *, qos: int = 0,
+    def publish(self, topic: str, payload: str | bytes, *, qos: int = 0,
                 retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """Text (JSON, UTF-8) or bytes as they are (a JPEG)."""
         return self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def start(self) -> None:

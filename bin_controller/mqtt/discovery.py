@@ -12,6 +12,8 @@ from bin_controller.config import MqttSection
 from bin_controller.payloads import (
     AVAILABILITY,
     COUNTS,
+    IMAGE,
+    IMAGE_CONTENT_TYPE,
     LAST,
     OFFLINE,
     ONLINE,
@@ -37,7 +39,13 @@ def device(bin_id: str) -> JsonObject:
             "sw_version": __version__}
 
 
-def sensors(base: str) -> dict[str, JsonObject]:
+# The total contamination in percent; "None" (no review yet) is Home Assistant's unknown.
+CONTAMINATION_TEMPLATE = (
+    "{% set c = value_json.contamination | default(none) %}"
+    "{{ (c.total.rate * 100) | round(1) if c and c.total.rate is not none else none }}")
+
+
+def sensors(base: str, *, photos: bool = False) -> dict[str, JsonObject]:
     """Sensor key -> its entity config without the shared fields."""
     out: dict[str, JsonObject] = {}
     for b in BINS:
@@ -60,18 +68,29 @@ def sensors(base: str) -> dict[str, JsonObject]:
         "name": "State", "state_topic": f"{base}/{STATE}",
         "value_template": "{{ value_json.state }}",
         "json_attributes_topic": f"{base}/{STATE}", "icon": "mdi:state-machine"}
+    if photos:
+        out["contamination"] = {
+            "name": "Contamination", "state_topic": f"{base}/{COUNTS}",
+            "value_template": CONTAMINATION_TEMPLATE, "state_class": "measurement",
+            "unit_of_measurement": "%", "json_attributes_topic": f"{base}/{COUNTS}",
+            "json_attributes_template": "{{ (value_json.contamination | default({})) "
+                                        "| tojson }}",
+            "icon": "mdi:delete-alert"}
     return out
 
 
-def discovery_payloads(cfg: MqttSection, bin_id: str, base: str) -> dict[str, JsonObject]:
-    """Config topic -> config payload, for every entity of the bin, under one device."""
+def discovery_payloads(cfg: MqttSection, bin_id: str, base: str, *,
+                       photos: bool = False) -> dict[str, JsonObject]:
+    """Config topic -> config payload, for every entity of the bin, under one device; with
+    `photos` (a bin keeping a photo log) also the last item's picture and the
+    contamination."""
     node = node_id(bin_id)
     dev = device(bin_id)
     availability: JsonObject = {"availability_topic": f"{base}/{AVAILABILITY}",
                                 "payload_available": ONLINE,
                                 "payload_not_available": OFFLINE}
     out: dict[str, JsonObject] = {}
-    for key, conf in sensors(base).items():
+    for key, conf in sensors(base, photos=photos).items():
         topic = f"{cfg.discovery_prefix}/sensor/{node}/{key}/config"
         out[topic] = {**conf, "unique_id": f"{node}_{key}", "object_id": f"{node}_{key}",
                       "device": dev, **availability}
@@ -80,4 +99,9 @@ def discovery_payloads(cfg: MqttSection, bin_id: str, base: str) -> dict[str, Js
                    "payload_on": ONLINE, "payload_off": OFFLINE,
                    "device_class": "connectivity", "unique_id": f"{node}_online",
                    "object_id": f"{node}_online", "device": dev}
+    if photos:
+        image = f"{cfg.discovery_prefix}/image/{node}/last_image/config"
+        out[image] = {"name": "Last item picture", "image_topic": f"{base}/{IMAGE}",
+                      "content_type": IMAGE_CONTENT_TYPE, "unique_id": f"{node}_last_image",
+                      "object_id": f"{node}_last_image", "device": dev, **availability}
     return out

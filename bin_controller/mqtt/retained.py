@@ -4,18 +4,26 @@ plus faults as they happen and periodic stats.
 Retained state goes at QoS 0 on purpose: paho re-sends unacknowledged QoS 1 messages after a
 reconnect, and a stale count arriving after a fresh one would become the retained value.
 Every connect republishes all of it anyway (`republish`).
+
+With a site log, `counts` and `stats` carry its contamination. The sorting thread never
+queries it (a review commits under the site log's lock with a full fsync): an event
+publishes the counts with the contamination last read, and a short tick reads it again
+when items were logged or another process (`smartbin review`) wrote to the log, and
+publishes `counts` again when it changed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -45,6 +53,12 @@ from bin_controller.payloads import (
 log = logging.getLogger(__name__)
 
 RECENT_EVENTS = 200  # enough for cycle percentiles and an hour's rate at normal use
+# How soon a review made by another process (the `smartbin review` command writes the site
+# log directly) reaches the retained counts: one cheap `PRAGMA data_version` per tick.
+POLL_S = 0.5
+# An item reaches the site log on the photo writer's thread shortly after its event: the
+# contamination (its `items`) is read again on every tick until this long after an event.
+LOGGING_GRACE_S = 2.0
 
 Status = Callable[[], Mapping[str, JsonValue]]
 
@@ -55,6 +69,21 @@ class RetainedStore(Protocol):
     def last_event(self) -> SortEvent | None: ...
 
     def outbox_size(self) -> int: ...
+
+
+class Reviewed(Protocol):
+    """The site log, as far as the retained state reads it."""
+
+    def contamination(self) -> dict[str, Any]: ...
+
+    def data_version(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class _Reading:
+    started: float  # monotonic, when the read began
+    version: int  # the site log's data_version then
+    value: JsonObject
 
 
 def cpu_temperature() -> float | None:
@@ -68,13 +97,25 @@ def cpu_temperature() -> float | None:
 class RetainedState:
     def __init__(self, conn: Connection, store: RetainedStore, base: str, *,
                  status: Status, stats_interval_s: float,
-                 discovery: Mapping[str, JsonObject] | None = None) -> None:
+                 discovery: Mapping[str, JsonObject] | None = None,
+                 reviewed: Reviewed | None = None,
+                 photo_stats: Callable[[], Mapping[str, JsonValue]] | None = None) -> None:
         self.conn = conn
         self.store = store
         self.base = base
         self.status = status
         self.stats_interval_s = stats_interval_s
         self.discovery: Mapping[str, JsonObject] = discovery or {}
+        self.reviewed = reviewed
+        self.photo_stats = photo_stats
+        # Snapshot, contamination and publish under one lock: counts published from the
+        # loop, a command, the tick and a connect reach the broker in the order they were
+        # read, so the retained value is the newest.
+        self._counts_lock = threading.Lock()
+        self._contamination: JsonObject | None = None
+        self._version: int | None = None
+        self._event_at = -math.inf  # when the last item was counted (monotonic)
+        self._read_at = -math.inf  # when the contamination was last read
         self._state = state_payload(State.IDLE, "", {})
         self._recent: deque[SortEvent] = deque(maxlen=RECENT_EVENTS)
         self._started = time.time()
@@ -89,17 +130,67 @@ class RetainedState:
     def republish(self) -> None:
         self.conn.publish(f"{self.base}/{AVAILABILITY}", ONLINE, qos=1, retain=True)
         self._publish(STATE, self._state)
-        self.publish_counts()
+        self.publish_counts(refresh=True)
         last = self.store.last_event()
         if last:
             self._publish(LAST, last_payload(last))
         self.publish_discovery()
 
-    def publish_counts(self) -> None:
-        snapshot = self.store.snapshot()
-        self._publish(COUNTS, counts_payload(snapshot))
-        for suffix, payload in bin_count_payloads(snapshot).items():
-            self._publish(suffix, payload)
+    def publish_counts(self, *, refresh: bool = False) -> None:
+        """The counts; with `refresh`, the contamination read again first (never on the
+        sorting thread)."""
+        reading = self._read_contamination() if refresh else None
+        with self._counts_lock:
+            if reading is not None:
+                self._keep(reading)
+            snapshot = self.store.snapshot()
+            self._publish(COUNTS, counts_payload(snapshot, self._contamination))
+            for suffix, payload in bin_count_payloads(snapshot).items():
+                self._publish(suffix, payload)
+
+    def _read_contamination(self) -> _Reading | None:
+        """Read outside the counts lock, so the sorting thread's publish never waits on the
+        site log; None when it cannot be read (the counts go out with the last value)."""
+        if self.reviewed is None:
+            return None
+        started = time.monotonic()
+        try:
+            version = self.reviewed.data_version()
+            fresh: JsonObject = self.reviewed.contamination()
+        except Exception as exc:
+            log.warning("the site log cannot be read for the contamination: %s", exc)
+            return None
+        return _Reading(started, version, fresh)
+
+    def _keep(self, reading: _Reading) -> bool:
+        """Under the counts lock: keep the reading unless a later one is kept already (two
+        threads may read at once); whether the contamination changed."""
+        if reading.started < self._read_at:
+            return False
+        self._read_at, self._version = reading.started, reading.version
+        changed = reading.value != self._contamination
+        self._contamination = reading.value
+        return changed
+
+    def poll_reviews(self) -> None:
+        """Publish `counts` again when the contamination changed: items were logged, or
+        another process wrote to the site log (its data_version moved)."""
+        if self.reviewed is None or not self.conn.connected.is_set():
+            return
+        try:
+            version = self.reviewed.data_version()
+        except Exception as exc:
+            log.debug("site log data_version: %s", exc)
+            return
+        if version == self._version and self._event_at < self._read_at - LOGGING_GRACE_S:
+            return
+        reading = self._read_contamination()
+        if reading is None:
+            return
+        with self._counts_lock:
+            if self._keep(reading):
+                snapshot = self.store.snapshot()
+                self._publish(COUNTS, counts_payload(snapshot, self._contamination))
 
     def publish_discovery(self) -> None:
         for topic, config in self.discovery.items():
@@ -118,6 +209,7 @@ class RetainedState:
 
     def on_event(self, event: SortEvent) -> None:
         self._recent.append(event)
+        self._event_at = time.monotonic()
         if self.conn.connected.is_set():
             self.publish_counts()
             self._publish(LAST, last_payload(event))
@@ -146,17 +238,40 @@ class RetainedState:
             cycle_ms_p95=round(float(np.percentile(cycles, 95)), 1) if cycles else None,
             items_per_hour=sum(1 for e in recent if now - e.time <= 3600),
             outbox=self.store.outbox_size(), version=__version__, status=self.status(),
-            cpu_temperature_c=cpu_temperature())
+            cpu_temperature_c=cpu_temperature(), contamination=self._fresh_contamination(),
+            photos=self.photo_stats() if self.photo_stats is not None else None)
 
-    def _stats_loop(self) -> None:
-        while not self._stop.wait(self.stats_interval_s):
-            if self.conn.connected.is_set():
-                self._publish(STATS, to_json(self.stats()), retain=False)
+    def _fresh_contamination(self) -> JsonObject | None:
+        if self.reviewed is None:
+            return None
+        try:
+            fresh: JsonObject = self.reviewed.contamination()
+        except Exception as exc:
+            log.warning("the site log cannot be read for the contamination: %s", exc)
+            return self._contamination
+        return fresh
+
+    def _tick(self) -> None:
+        """Stats every stats_interval_s; the site log looked at every POLL_S."""
+        next_stats = time.monotonic() + self.stats_interval_s
+        while True:
+            wait = max(0.0, next_stats - time.monotonic())
+            if self.reviewed is not None:
+                wait = min(wait, POLL_S)
+            if self._stop.wait(wait):
+                return
+            try:
+                self.poll_reviews()
+                if time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + self.stats_interval_s
+                    if self.conn.connected.is_set():
+                        self._publish(STATS, to_json(self.stats()), retain=False)
+            except Exception:  # one bad read must not end the stats for good
+                log.exception("MQTT stats failed")
 
     def start(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._stats_loop, name="mqtt-stats",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._tick, name="mqtt-stats", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 3.0) -> None:

@@ -6,6 +6,7 @@ bin_controller/payloads.py. The parts, each in its own module:
   connection  the paho client; fans connect, disconnect, ack and message callbacks out
   outbox      event messages from the SQLite outbox: in order, at least once
   retained    availability, counts, last item, state, faults, stats, discovery
+  pictures    the last item's picture: image/meta and image (with a photo log)
   discovery   Home Assistant entity configs (pure data)
   commands    cmd/<name> in, on threads of their own; reply/<name> out
   owner       a retained claim on the bin id: two bins with one bin.id are a fault
@@ -17,6 +18,7 @@ published again and the command subscriptions are made again.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 
@@ -28,6 +30,7 @@ from bin_controller.mqtt.commands import Commands, Handler
 from bin_controller.mqtt.connection import Connection
 from bin_controller.mqtt.outbox import OutboxPublisher
 from bin_controller.mqtt.owner import OwnerClaim
+from bin_controller.mqtt.pictures import Pictures
 from bin_controller.mqtt.retained import RetainedState, Status
 from bin_controller.payloads import (
     AVAILABILITY,
@@ -40,11 +43,19 @@ from bin_controller.payloads import (
 )
 from bin_controller.store import Store
 
+if TYPE_CHECKING:
+    from bin_controller.photolog import PhotoLog, Thumbnail
+
+# How long a stop waits for the photo writer before the last contamination is published.
+PHOTO_FLUSH_S = 2.0
+
 
 class Telemetry:
     def __init__(self, cfg: MqttSection, *, bin_id: str, store: Store,
                  commands: Mapping[str, Handler] | None = None,
-                 status: Status | None = None) -> None:
+                 status: Status | None = None, photos: PhotoLog | None = None) -> None:
+        """`photos`: the bin's photo log, for the pictures, the contamination in `counts`
+        and `stats`, and their discovery entities (hand its `on_photo` this `on_photo`)."""
         if not bin_id or any(ch in bin_id for ch in "/#+ "):
             raise SmartbinError(f"bin.id = {bin_id!r}: must be a single MQTT topic level "
                                 "(no '/', '+', '#' or spaces)")
@@ -52,6 +63,7 @@ class Telemetry:
         self.bin_id = bin_id
         self.base = f"{cfg.prefix}/{bin_id}"
         self.store = store
+        self.photos = photos
         self._conn = Connection(cfg, client_id=f"smartbin-{bin_id}",
                                 will=(f"{self.base}/{AVAILABILITY}", OFFLINE))
         self.client: mqtt.Client = self._conn.client
@@ -61,12 +73,18 @@ class Telemetry:
         self._retained = RetainedState(
             self._conn, store, self.base, status=status or dict,
             stats_interval_s=cfg.stats_interval_s,
-            discovery=self.discovery_payloads() if cfg.discovery else None)
+            discovery=self.discovery_payloads() if cfg.discovery else None,
+            reviewed=photos.sitelog if photos is not None else None,
+            photo_stats=photos.stats if photos is not None else None)
+        self._pictures = Pictures(self._conn, self.base, lambda: photos.last) \
+            if photos is not None else None
         self._commands = Commands(commands, reply=self._reply)
         self._owner = OwnerClaim(self._conn, self.base, bin_id, on_duplicate=self.report_fault)
 
         self._conn.on_connect(self._outbox.on_connect)
         self._conn.on_connect(self._retained.republish)
+        if self._pictures is not None:
+            self._conn.on_connect(self._pictures.republish)
         self._conn.on_connect(self._owner.on_connect)
         self._conn.on_disconnect(self._outbox.on_disconnect)
         self._conn.on_publish(self._outbox.on_publish)
@@ -86,6 +104,11 @@ class Telemetry:
     def stop(self, *, drain_s: float = 0.0) -> None:
         if drain_s and self.connected.is_set():
             self.drain(drain_s)
+        if self.photos is not None and self.connected.is_set():
+            # The last items reach the site log on the photo writer's thread: the retained
+            # contamination left behind counts them too.
+            self.photos.flush(PHOTO_FLUSH_S)
+            self._retained.poll_reviews()
         self._retained.announce_offline()
         self._commands.stop()
         self._retained.stop()
@@ -104,6 +127,11 @@ class Telemetry:
     def on_event(self, event: SortEvent) -> None:
         self._retained.on_event(event)
         self._outbox.wake()  # its message is in the outbox now
+
+    def on_photo(self, thumbnail: Thumbnail) -> None:
+        """The photo log wrote an item's photo (its writer thread): `image/meta`, `image`."""
+        if self._pictures is not None:
+            self._pictures.on_photo(thumbnail)
 
     def on_state(self, state: State, detail: str) -> None:
         self._retained.on_state(state, detail)
@@ -124,14 +152,16 @@ class Telemetry:
     # ------------------------------------------------------------------ state
 
     def publish_counts(self) -> None:
-        self._retained.publish_counts()
+        """The counts and the contamination read again (after a reset or a review)."""
+        self._retained.publish_counts(refresh=True)
 
     def publish_discovery(self) -> None:
         self._retained.publish_discovery()
 
     def discovery_payloads(self) -> dict[str, JsonObject]:
         """Home Assistant discovery: topic -> config payload."""
-        return discovery.discovery_payloads(self.cfg, self.bin_id, self.base)
+        return discovery.discovery_payloads(self.cfg, self.bin_id, self.base,
+                                            photos=self.photos is not None)
 
     def stats(self) -> JsonObject:
         return self._retained.stats()
@@ -147,6 +177,13 @@ class Telemetry:
 
     def _reply(self, name: str, reply: JsonObject) -> None:
         self._conn.publish(f"{self.base}/{reply_topic(name)}", to_json(reply))
+
+    def publish_reply(self, suffix: str, payload: bytes) -> str:
+        """Bytes a command answers with beside its JSON reply (a photo), not retained;
+        the full topic, for the JSON reply to name."""
+        topic = f"{self.base}/{suffix}"
+        self._conn.publish(topic, payload)
+        return topic
 
     def _on_ha_status(self, topic: str, payload: bytes) -> None:
         if payload == b"online":  # Home Assistant restarted and forgot us

@@ -57,10 +57,20 @@ class Item:
     flag: str
 
 
+@dataclass(frozen=True)
+class Contamination:
+    """What reviewers found (the `contamination` in `counts`), as shown text."""
+
+    rate: str  # of the reviewed items, those in the wrong compartment: "12.5%", "-", "?"
+    reviewed: str  # the reviewed fraction of the logged items
+    wrong: dict[str, str]  # compartment -> reviewed items in it that belong elsewhere
+
+
 @dataclass
 class BinView:
     availability: str = UNKNOWN
     counts: dict[str, str] = field(default_factory=dict)  # bin or total -> shown text
+    contamination: Contamination | None = None  # None: the bin keeps no site log
     state: str = UNKNOWN
     events: deque[Item] = field(default_factory=lambda: deque(maxlen=RECENT_ITEMS))
     stats: JsonObject = field(default_factory=dict)
@@ -93,6 +103,25 @@ def fraction(value: JsonValue | None) -> float | None:
             and math.isfinite(value) and 0 <= value <= 1:
         return float(value)
     return None
+
+
+def percent(value: JsonValue | None) -> str:
+    """A rate (0..1) as a percentage; "-" when there is none yet (nothing reviewed)."""
+    if value is None:
+        return "-"
+    rate = fraction(value)
+    return UNKNOWN if rate is None else f"{rate:.1%}"
+
+
+def _object(value: JsonValue | None) -> JsonObject:
+    return value if isinstance(value, dict) else {}
+
+
+def contamination_of(value: JsonValue | None) -> Contamination:
+    data = _object(value)
+    return Contamination(rate=percent(_object(data.get("total")).get("rate", UNKNOWN)),
+                         reviewed=percent(data.get("reviewed_fraction", UNKNOWN)),
+                         wrong={b: count(_object(data.get(b)).get("wrong")) for b in BINS})
 
 
 def item(data: JsonObject) -> Item:
@@ -144,7 +173,9 @@ class Fleet:
             data = None  # not what a bin sends: shown as unknown
         obj: JsonObject = data if isinstance(data, dict) else {}
         if kind == COUNTS:
-            self._update(bin_id, counts={k: count(obj.get(k)) for k in (*BINS, "total")})
+            found = obj.get("contamination")
+            self._update(bin_id, counts={k: count(obj.get(k)) for k in (*BINS, "total")},
+                         contamination=None if found is None else contamination_of(found))
         elif kind == STATE:
             self._update(bin_id, state=shown(obj.get("state")))
         elif kind == EVENT and obj:
@@ -154,7 +185,8 @@ class Fleet:
 
     def _update(self, bin_id: str, *, availability: str | None = None,
                 counts: dict[str, str] | None = None, state: str | None = None,
-                event: Item | None = None, stats: JsonObject | None = None) -> None:
+                event: Item | None = None, stats: JsonObject | None = None,
+                contamination: Contamination | None = None) -> None:
         with self.lock:
             view = self.bins.get(bin_id)
             if view is None:
@@ -165,6 +197,7 @@ class Fleet:
                 view.availability = availability
             if counts is not None:
                 view.counts = counts
+                view.contamination = contamination  # counts without it: no site log
             if state is not None:
                 view.state = state
             if event is not None and (event.seq is None
@@ -178,6 +211,8 @@ class Fleet:
         with self.lock:
             bins = {bin_id: (v.availability, dict(v.counts), v.state, list(v.events))
                     for bin_id, v in sorted(self.bins.items())}
+            found = {bin_id: v.contamination for bin_id, v in sorted(self.bins.items())
+                     if v.contamination is not None}
         if not bins:
             return "waiting for bins..."
         head = f"{'bin':16} {'online':8} {'state':12} " + " ".join(f"{b:>10}" for b in BINS) \
@@ -187,6 +222,14 @@ class Fleet:
             cols = " ".join(f"{counts.get(b, '-'):>10}" for b in BINS)
             lines.append(f"{shown(bin_id)[:16]:16} {online[:8]:8} {state[:12]:12} {cols} "
                          f"{counts.get('total', '-'):>7}")
+        if found:
+            lines.append("")
+            lines.append("contamination (reviewed items that landed in the wrong compartment)")
+            lines.append(f"  {'bin':16} {'wrong':>7} {'reviewed':>9} "
+                         + " ".join(f"{b:>10}" for b in BINS))
+            for bin_id, c in found.items():
+                lines.append(f"  {shown(bin_id)[:16]:16} {c.rate:>7} {c.reviewed:>9} "
+                             + " ".join(f"{c.wrong[b]:>10}" for b in BINS))
         lines.append("")
         lines.append("recent items")
         for bin_id, (_, _, _, events) in bins.items():
