@@ -95,7 +95,7 @@ def run_cycle(args: argparse.Namespace) -> int:
 
             sim.bin.sensor.on_change(arrived)
             sim.loop.on_event.append(counted)
-            result = sim.drop(items)
+            result = sim.drop(items, pace_s=args.pace)
             photos.flush(timeout=60)
             stats = photos.stats()
     decisions = [e.decision_ms for e in result.events]
@@ -106,7 +106,8 @@ def run_cycle(args: argparse.Namespace) -> int:
     k50, k95 = percentiles(timed.keep_ms)
     print(f"model {cfg.model.bundle} ({classifier.backend}, {cfg.model.threads} thread(s)), "
           f"{len(decisions)} items, fast mechanics, SQLite store, photos.keep = {args.photos} "
-          f"({frame.shape[1]}x{frame.shape[0]} frames)")
+          f"({frame.shape[1]}x{frame.shape[0]} frames), "
+          + (f"{args.pace:g} s between items" if args.pace else "items back to back"))
     print(f"sensor edge -> servo command  p50 {d50:6.2f} ms  p95 {d95:6.2f} ms")
     print(f"sensor edge -> item counted   p50 {c50:6.2f} ms  p95 {c95:6.2f} ms")
     print(f"photo hand-off (in the loop)  p50 {k50:6.3f} ms  p95 {k95:6.3f} ms  max "

@@ -226,6 +226,9 @@ def register(tables: CommandTables) -> None:
     b.add_argument("--bin-map", type=path_arg)
     b.add_argument("--photos", choices=("all", "uncertain", "none"), default="all",
                    help="photos.keep for the run (default all): the photo log's cost")
+    b.add_argument("--pace", type=number(0, 60), default=0.0,
+                   help="seconds between one item landing and the next drop (default 0: "
+                        "back to back, the photo writer still busy with the last item)")
     b.set_defaults(func=_bench_cycle)
     b = tables.bench.add_parser("idle", help="CPU use of the idle service")
     tables.add_model_options(b)
