@@ -201,6 +201,67 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return monitor.run(args)
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    from bin_controller.tools import review_cmd
+
+    return review_cmd.run(args)
+
+
+def seqs_arg(text: str) -> list[int]:
+    """An argparse type: item numbers as 12 or 12,15,20-25."""
+    from bin_controller.tools.review_cmd import parse_seqs
+
+    return parse_seqs(text)
+
+
+def _add_review_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from bin_controller.bins import BINS
+
+    p = sub.add_parser("review", help="the photo log: list items, correct labels, export "
+                                      "the site dataset")
+    review_sub = p.add_subparsers(dest="review_command", required=True, metavar="WHAT")
+    helps = {"list": "items, newest first, with filters and pages",
+             "show": "one item, its review and its photo file",
+             "label": "say what the items really were (an existing label, or a new one "
+                      "with --bin)",
+             "accept": "say the bin sorted the items right",
+             "export": "reviewed photos as class folders that smartbin train reads"}
+    for name, helptext in helps.items():
+        c = review_sub.add_parser(name, help=helptext)
+        c.add_argument("--config", default=None, type=name_or_path,
+                       help="TOML configuration file")
+        c.add_argument("--state-dir", type=path_arg, help="override bin.state_dir")
+        c.set_defaults(func=cmd_review)
+        if name == "list":
+            c.add_argument("--uncertain", action="store_true", help="only uncertain items "
+                           "(with --failed: uncertain or failed)")
+            c.add_argument("--failed", action="store_true",
+                           help="only items the classifier failed on")
+            c.add_argument("--unreviewed", action="store_true", help="only items not reviewed")
+            c.add_argument("--label", help="only items the model or a review gave this label")
+            c.add_argument("--bin", help="only items of this bin, the model's or the "
+                                         "compartment reached (" + ", ".join(BINS) + ")")
+            c.add_argument("--before", type=whole(1), metavar="SEQ",
+                           help="items older than this seq (the next page)")
+            c.add_argument("--limit", type=whole(1, 100), default=20,
+                           help="items per page, 1 to 100 (default 20)")
+            c.add_argument("--json", action="store_true", help="one JSON object")
+        elif name == "show":
+            c.add_argument("seq", type=whole(1), metavar="SEQ")
+            c.add_argument("--json", action="store_true", help="one JSON object")
+        elif name in ("label", "accept"):
+            c.add_argument("seqs", type=seqs_arg, metavar="SEQS",
+                           help="item numbers: 12 or 12,15,20-25")
+            if name == "label":
+                c.add_argument("label", metavar="LABEL",
+                               help="a label's name (Chinese or English), or a new one")
+                c.add_argument("--bin", help="the bin of a new label (" + ", ".join(BINS)
+                                             + ")")
+        else:
+            c.add_argument("dir", type=path_arg, metavar="DIR",
+                           help="new (or empty) folder to write")
+
+
 def cmd_config_doc(args: argparse.Namespace) -> int:
     from bin_controller.config import example_toml, reference_markdown
 
@@ -306,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=number(0), default=0,
                    help="stop after this long (0: never)")
     p.set_defaults(func=cmd_monitor)
+
+    _add_review_parser(sub)
 
     p = sub.add_parser("config-doc", help="print the configuration reference (Markdown)")
     p.add_argument("--toml", action="store_true", help="a commented example config.toml")

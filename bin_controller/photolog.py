@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from bin_controller.config import Config, PhotosSection
 from bin_controller.domain import SortEvent
 from bin_controller.errors import CommandError, StoreError
 from bin_controller.sitelog import DATASET, ORDINARY, PHOTO_CLASSES, WAITING, Item, SiteLog
+from bin_controller.store_recovery import is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,7 @@ class PhotoLog:
         self._busy = 0  # items queued or being written
         self._lock = threading.RLock()  # photo files and the byte count
         self._bytes = 0
+        self._unlinked: set[int] = set()  # photos deleted whose row still names them
         self._pruned = 0.0
         self._warned: dict[str, float] = {}
         self._thread: threading.Thread | None = None
@@ -209,19 +212,32 @@ class PhotoLog:
     # ------------------------------------------------------------------ writing
 
     def _log(self, event: SortEvent, frame: np.ndarray | None) -> None:
-        try:
-            self.sitelog.add_item(event)
-        except Exception as exc:  # sqlite3.Error, a full disk: the photo still counts
-            self._warn("sitelog", f"photos: the site log cannot be written ({exc})")
+        logged = self._add_item(event)
         if frame is None or self.cfg.keep == "none":
             return
         image = Image.fromarray(np.asarray(frame, dtype=np.uint8))
         if event.photo:
-            self._write(event, image)
+            if logged:
+                self._write(event, image)
+            else:
+                # A photo no row names would never be reviewed, exported or deleted.
+                self.dropped += 1
         thumbnail = self._thumbnail(image, event.seq, event.time, event.label, event.bin)
         self.last = thumbnail
         for listener in self.on_photo:
             listener(thumbnail)
+
+    def _add_item(self, event: SortEvent) -> bool:
+        for attempt in range(2):
+            try:
+                self.sitelog.add_item(event)
+                return True
+            except Exception as exc:  # sqlite3.Error, a full disk: the item still counts
+                if attempt == 0 and is_disk_full(exc) and self.spare():
+                    continue  # photos made room for the row
+                self._warn("sitelog", f"photos: the site log cannot be written ({exc}); "
+                           f"item #{event.seq} is counted but not in the site log")
+        return False
 
     def _thumbnail(self, image: Image.Image, seq: int, when: float, label: str | None,
                    bin_name: str) -> Thumbnail:
@@ -271,10 +287,18 @@ class PhotoLog:
                     self.dropped += 1
                     return False
             self._bytes += len(data)
-        try:
-            self.sitelog.set_photo(event.seq, rel, len(data), hashlib.sha256(data).hexdigest())
-        except Exception as exc:
-            self._warn("sitelog", f"photos: the site log cannot be written ({exc})")
+            try:
+                self.sitelog.set_photo(event.seq, rel, len(data),
+                                       hashlib.sha256(data).hexdigest())
+            except Exception as exc:
+                # A file no row names would never be reviewed, exported or deleted.
+                self._warn("sitelog", f"photos: the site log cannot be written ({exc}); "
+                           f"photo #{event.seq} not kept")
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                self._bytes -= len(data)
+                self.dropped += 1
+                return False
         return True
 
     def _reserve(self) -> int:
@@ -284,7 +308,8 @@ class PhotoLog:
         """Make room for a photo of `size` bytes within the cap and the disk's reserve."""
         cap = int(self.cfg.max_mb * MB)
         while self._bytes + size > cap:
-            if not self._delete(self.sitelog.photos(ORDINARY, limit=DELETE_BATCH)):
+            batch = self.sitelog.photos(ORDINARY, limit=DELETE_BATCH)
+            if not self._delete(_enough(batch, self._bytes + size - cap)):
                 kind = "waiting for a review" if waiting else "new"
                 self._warn("cap", f"photos: photos.max_mb ({self.cfg.max_mb:g}) is reached "
                            f"by photos waiting for a review and reviewed ones; {kind} photos "
@@ -304,10 +329,12 @@ class PhotoLog:
         freed = deleted = 0
         for kind in PHOTO_CLASSES:
             while free + freed < need:
-                batch = self.sitelog.photos(kind, limit=DELETE_BATCH)
-                if not batch:
-                    break
-                freed += self._delete(batch)
+                batch = _enough(self.sitelog.photos(kind, limit=DELETE_BATCH),
+                                need - free - freed)
+                step = self._delete(batch)
+                if not step:
+                    break  # none left of this kind (or only rows whose file is gone)
+                freed += step
                 deleted += len(batch)
         if deleted:
             self._warn("disk", f"photos: the disk has less than {self.cfg.min_free_mb:g} MB "
@@ -316,35 +343,53 @@ class PhotoLog:
         return free + freed >= need
 
     def _delete(self, items: list[Item]) -> int:
-        """Delete these photos; the bytes they took."""
+        """Delete these photos; the bytes that were really freed."""
         freed = 0
         with self._lock:
             for item in items:
                 if item.photo is None:
                     continue
-                with contextlib.suppress(OSError):
-                    (self.folder / item.photo).unlink(missing_ok=True)
-                freed += item.bytes or 0
-                self._bytes -= item.bytes or 0
-                self.deleted += 1
+                try:
+                    (self.folder / item.photo).unlink()
+                except FileNotFoundError:
+                    # Deleted here before while its row could not be updated (a full
+                    # disk): freed then, not again; else removed by hand: gone from the
+                    # byte count all the same.
+                    if item.seq not in self._unlinked:
+                        self._bytes -= item.bytes or 0
+                except OSError as exc:
+                    log.debug("photos: %s not deleted: %s", item.photo, exc)
+                    continue
+                else:
+                    freed += item.bytes or 0
+                    self._bytes -= item.bytes or 0
+                    self.deleted += 1
                 try:
                     self.sitelog.set_photo(item.seq, None)
+                    self._unlinked.discard(item.seq)
                 except Exception as exc:  # the disk is full: the file is gone anyway
+                    self._unlinked.add(item.seq)
                     log.debug("photos: row of #%d not updated: %s", item.seq, exc)
         return freed
 
     def spare(self) -> int:
         """For the count database on a full disk: delete a batch of photos (the order of
-        PHOTO_CLASSES) and return the bytes freed; 0 when there is no photo left."""
-        with self._lock:
-            for kind in PHOTO_CLASSES:
-                batch = self.sitelog.photos(kind, limit=DELETE_BATCH)
-                if batch:
+        PHOTO_CLASSES) and return the bytes freed; 0 when nothing could be freed (the store
+        then deletes what it owns, so a photo must never claim space it did not free)."""
+        try:
+            with self._lock:
+                for kind in PHOTO_CLASSES:
+                    batch = self.sitelog.photos(kind, limit=DELETE_BATCH)
                     freed = self._delete(batch)
-                    self._warn("spare", f"photos: the disk is full; deleted {len(batch)} "
-                               "photos so the counts can be written", fault=True)
-                    return max(freed, 1)
-        return 0
+                    if freed:
+                        self._warn("spare", f"photos: the disk is full; deleted {len(batch)} "
+                                   "photos so the counts can be written", fault=True)
+                        return freed
+                # No photo left: the site log's own WAL is the last thing to give back.
+                return self.sitelog.shrink()
+        except sqlite3.Error as exc:  # closed at stop, or unreadable: nothing freed
+            log.debug("photos: no space spared: %s", exc)
+            return 0
 
     # ------------------------------------------------------------------ retention
 
@@ -421,6 +466,18 @@ class PhotoLog:
         log.warning("%s", text)
         if fault and self.on_fault is not None:
             self.on_fault("disk_full", text)
+
+
+def _enough(batch: list[Item], need: int) -> list[Item]:
+    """The oldest photos of the batch that together free `need` bytes: no more is deleted
+    than the room asked for."""
+    out, total = [], 0
+    for item in batch:
+        if total >= need:
+            break
+        out.append(item)
+        total += item.bytes or 0
+    return out
 
 
 def _write_file(path: Path, data: bytes) -> None:

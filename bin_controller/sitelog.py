@@ -31,6 +31,8 @@ from bin_controller.errors import StoreError
 log = logging.getLogger(__name__)
 
 SITELOG_NAME = "sitelog.db"
+# Pages the WAL may hold before it is checkpointed (and cut back to, after).
+WAL_PAGES = 64
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -166,6 +168,10 @@ class SiteLog:
             # NORMAL: a power cut may lose the last few photo rows (the files are found
             # again at start); a review is committed FULL on its own (see _write).
             db.execute("PRAGMA synchronous=NORMAL")
+            # Two small writes per item: a WAL left to SQLite's default would grow to 4 MB
+            # before its first checkpoint, space a nearly full disk needs for the counts.
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
             db.executescript(SCHEMA)
         except BaseException:
             db.close()
@@ -199,6 +205,14 @@ class SiteLog:
     def close(self) -> None:
         with self._lock, contextlib.suppress(sqlite3.Error):
             self.db.close()
+
+    def shrink(self) -> int:
+        """Checkpoint the WAL and cut it to nothing (a full disk); the bytes given back."""
+        wal = Path(f"{self.path}-wal")
+        with self._lock:
+            before = _file_size(wal)
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return max(0, before - _file_size(wal))
 
     def _write(self, sql: str, params: Iterable[Any] = ()) -> int:
         with self._lock:
@@ -379,6 +393,13 @@ class SiteLog:
         """Changes when another connection (a CLI review) wrote to the log."""
         with self._lock:
             return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _rate(part: int, whole: int) -> float | None:

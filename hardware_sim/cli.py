@@ -216,13 +216,19 @@ def register(tables: CommandTables) -> None:
     p = tables.commands.add_parser("simulate", help="run the whole bin on simulated hardware")
     add_arguments(p)
     p.set_defaults(func=_simulate)
-    b = tables.bench.add_parser("cycle", help="sensor edge to servo command, fast simulator")
+    b = tables.bench.add_parser("cycle", help="sensor edge to servo command and to the item "
+                                "counted (SQLite store, photo log), fast simulator")
     tables.add_model_options(b)
     b.add_argument("--config", type=path_arg)
     b.add_argument("--items", type=whole(1), default=200)
     b.add_argument("--images", type=path_arg,
                    help="folder of class subfolders (default: generated)")
     b.add_argument("--bin-map", type=path_arg)
+    b.add_argument("--photos", choices=("all", "uncertain", "none"), default="all",
+                   help="photos.keep for the run (default all): the photo log's cost")
+    b.add_argument("--pace", type=number(0, 60), default=0.0,
+                   help="seconds between one item landing and the next drop (default 0: "
+                        "back to back, the photo writer still busy with the last item)")
     b.set_defaults(func=_bench_cycle)
     b = tables.bench.add_parser("idle", help="CPU use of the idle service")
     tables.add_model_options(b)
