@@ -75,6 +75,9 @@ JOURNAL_FLOOR = max(100, SIDECAR_EVERY)
 # Unsent event messages deleted per attempt when the journal has nothing more to give
 # (about 0.4 MB): the counts stay exact, only the per-item history is thinned.
 OUTBOX_FREE_CHUNK = 1000
+# Size a WAL file is cut back to after a checkpoint (SQLite's own checkpoint comes at 1000
+# pages, about 4 MB).
+WAL_LIMIT_BYTES = 4 * 1024 * 1024
 # Seconds between attempts to write items held in memory when no new item comes.
 HELD_RETRY_S = 1.0
 # Items written per transaction when a backlog held in memory is written.
@@ -118,6 +121,9 @@ def connect(path: Path, synchronous: str, *, wal: bool = True) -> sqlite3.Connec
             db.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed item survives a power cut, not only a killed process.
         db.execute(f"PRAGMA synchronous={synchronous}")
+        # A checkpointed WAL is cut back to this size instead of keeping its largest size
+        # for ever: space on a nearly full disk.
+        db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
     except BaseException:
         db.close()
         raise
@@ -437,9 +443,11 @@ class Store:
             rows, messages = self._transaction(delete)
         except sqlite3.Error as exc:
             log.debug("freeing space failed: %s", exc)
-            return 0, 0, 0
+            rows = messages = 0
         with contextlib.suppress(sqlite3.Error):
-            # Empties the WAL file too, when the disk allows it: space on a real disk.
+            # Empties the WAL file too, when the disk allows it: space on a real disk. Tried
+            # even when nothing could be deleted: a WAL grown on a nearly full disk may be all
+            # the space there is to give back.
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         if messages:
             self.dropped_messages += messages

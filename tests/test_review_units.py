@@ -183,3 +183,16 @@ def test_class_folders_name_their_bin():
     assert class_folder("可回收物_易拉罐", "recyclable") == "可回收物_易拉罐"
     assert class_folder("glass", "recyclable") == "可回收物_glass"
     assert class_folder("coffee cup", "other") == "其他垃圾_coffee cup"
+
+
+def test_check_reports_the_photos_folder(tmp_path, capsys):
+    from bin_controller.cli import main
+
+    main(["check", "--state-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"ok   photos: {tmp_path / 'photos'}: keep all, 0.0 of 500 MB used" in out
+    config = tmp_path / "config.toml"
+    config.write_text("[photos]\nmin_free_mb = 1000000\n")
+    assert main(["check", "--config", str(config), "--state-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "FAIL photos:" in err and "below photos.min_free_mb (1000000 MB)" in err

@@ -160,7 +160,7 @@ def _photos(cfg: Config) -> str:
     free_mb = shutil.disk_usage(probe).free / 2**20
     if free_mb < cfg.photos.min_free_mb:
         raise SmartbinError(f"{folder}: {free_mb:.0f} MB free, below photos.min_free_mb "
-                            f"({cfg.photos.min_free_mb:g}): no photo will be kept; free some "
+                            f"({cfg.photos.min_free_mb:.0f} MB): no photo will be kept; free some "
                             "space or lower photos.min_free_mb")
     return (f"{folder}: keep {keep}, {size / 2**20:,.1f} of {cfg.photos.max_mb:g} MB used, "
             f"older than {cfg.photos.keep_days:g} days pruned")
