@@ -18,7 +18,9 @@ from types import TracebackType
 from gpiozero import Factory
 
 from bin_controller.config import Config, ModelSection
+from bin_controller.fill import FillTracker
 from bin_controller.hardware import registry
+from bin_controller.hardware.fill_sensors import make_fill_sensors
 from bin_controller.hardware.flap import ServoFlap, ServoGate
 from bin_controller.hardware.sensors import make_sensor
 from bin_controller.mqtt.telemetry import Telemetry
@@ -84,6 +86,7 @@ class Bin:
     loop: SortingLoop
     store: Store | None = None
     photos: PhotoLog | None = None
+    fill: FillTracker | None = None
     telemetry: Telemetry | None = None
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
 
@@ -107,6 +110,8 @@ class Bin:
                     self.store.cleared()
         if self.photos is not None:
             self.photos.start()
+        if self.fill is not None:
+            self.fill.start()
         if self.telemetry is not None:
             self.telemetry.start()
 
@@ -146,25 +151,48 @@ def build_bin(cfg: Config, *, classifier: ImageClassifier | None = None,
             store = recorder = open_store(
                 cfg, on_fault=lambda kind, detail: opening.append((kind, detail)))
             stack.callback(store.close)
-        photos = None
+        photos = fill = None
         if store is not None:
             photos = open_photos(cfg, store)
             stack.callback(photos.sitelog.close)
             stack.callback(photos.close)
+            fill = FillTracker(cfg.fill, cfg.bin.state_dir,
+                               sensors=make_fill_sensors(cfg.fill, pin_factory))
+            stack.callback(fill.close)
         loop = SortingLoop(config=cfg, sensor=sensor, camera=camera, classifier=classifier,
-                           flap=flap, recorder=recorder, gate=gate, photos=photos)
+                           flap=flap, recorder=recorder, gate=gate, photos=photos, fill=fill)
         if isinstance(recorder, Store) and (recorder is store or recorder.on_fault is None):
             _route_store_faults(recorder, loop, opening)
         if photos is not None:
             photos.on_fault = loop.report_fault
+        if fill is not None:
+            _wire_fill(fill, loop)
         telemetry = None
         if cfg.mqtt.enabled and store is not None:
             telemetry = _telemetry(cfg, loop, store, photos)
             stack.callback(telemetry.stop)
         return Bin(config=cfg, pin_factory=pin_factory, camera=camera, sensor=sensor,
                    classifier=classifier, flap=flap, gate=gate, recorder=recorder, loop=loop,
-                   store=store, photos=photos, telemetry=telemetry, _stack=stack.pop_all())
+                   store=store, photos=photos, fill=fill, telemetry=telemetry,
+                   _stack=stack.pop_all())
     raise AssertionError("unreachable")  # pragma: no cover - ExitStack never swallows
+
+
+def _wire_fill(fill: FillTracker, loop: SortingLoop) -> None:
+    """Item volumes from the running model's labels; a compartment becoming full and a
+    sensor that reads nonsense are the loop's faults (counted, logged, published)."""
+    def volume_of(label: str | None) -> float | None:
+        for known in loop.classifier.bundle.labels:
+            if known.name == label:
+                return known.volume_l
+        return None
+
+    fill.volume_of = volume_of
+    fill.on_full.append(lambda bin_name, pct: loop.report_fault(
+        "full", f"{bin_name} is {pct:.0f} % full: nothing more is sorted into it until it is "
+                "emptied"))
+    fill.on_sensor_fault.append(lambda bin_name, detail: loop.report_fault("fill_sensor",
+                                                                            detail))
 
 
 def _route_store_faults(store: Store, loop: SortingLoop,

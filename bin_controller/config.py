@@ -210,6 +210,56 @@ class PhotosSection:
                              min=32, max=1024)
 
 
+def _per_bin(values: tuple[float, ...]) -> Any:
+    return lambda: dict(zip(BINS, values, strict=True))
+
+
+@dataclass(frozen=True)
+class FillSection:
+    sensor: str = _opt("none", "Fill sensor in each compartment: none (an estimate from the "
+                               "items sorted), ultrasonic (gpiozero DistanceSensor), vl53l0x "
+                               "or vl53l1x (time of flight on I2C; pip extra 'tof').",
+                       choices=("none", "ultrasonic", "vl53l0x", "vl53l1x"))
+    capacity_l: dict[str, float] = _opt(None, "Volume of each compartment, litres.",
+                                        factory=_per_bin((40.0, 20.0, 10.0, 40.0)))
+    item_volume_l: dict[str, float] = _opt(None, "Typical volume of an item per bin, litres, "
+                                                 "for labels whose bundle gives none.",
+                                           factory=_per_bin((0.5, 0.3, 0.1, 0.4)))
+    trigger_pins: dict[str, float] = _opt(None, "Ultrasonic: TRIG GPIO per compartment.",
+                                          factory=_per_bin((5, 6, 16, 20)))
+    echo_pins: dict[str, float] = _opt(None, "Ultrasonic: ECHO GPIO per compartment (through "
+                                             "a 5 V -> 3.3 V divider).",
+                                       factory=_per_bin((22, 25, 26, 27)))
+    i2c_addresses: dict[str, float] = _opt(None, "Time of flight: I2C address per compartment "
+                                                 "(0x08 to 0x77; TOML takes 0x30).",
+                                           factory=_per_bin((0x30, 0x31, 0x32, 0x33)))
+    xshut_pins: dict[str, float] = _opt(None, "Time of flight: XSHUT GPIO per compartment, so "
+                                              "that each sensor gets its address at start.",
+                                        factory=_per_bin((5, 6, 16, 20)))
+    empty_m: float = _opt(0.6, "Distance from a sensor to the floor of its empty compartment.",
+                          min=0.05, max=4.0)
+    full_m: float = _opt(0.1, "Distance from a sensor to the contents of a full compartment "
+                              "(100 %); less than empty_m.", min=0.02, max=4.0)
+    interval_s: float = _opt(5.0, "Seconds between sensor readings.", min=0.05, max=3600.0)
+    smoothing: int = _opt(5, "Readings in the median that smooths a sensor.", min=1, max=50)
+    warn_pct: float = _opt(80.0, "Fill level that warns.", min=1.0, max=100.0)
+    full_pct: float = _opt(95.0, "Fill level at which a compartment is full: nothing is "
+                                 "sorted onto it.", min=1.0, max=100.0)
+    hysteresis_pct: float = _opt(5.0, "A state (warn, full) ends this far below its level.",
+                                 min=0.0, max=50.0)
+    when_full: str = _opt("fallback_bin", "An item for a full compartment: fallback_bin (goes "
+                                          "to model.fallback_bin, else waits as hold), pause "
+                                          "(the bin pauses with a fault until resumed), hold "
+                                          "(it waits on the flap until emptied).",
+                          choices=("fallback_bin", "pause", "hold"))
+    fault_gap_pct: float = _opt(40.0, "A reading this far above the estimate (the last good "
+                                      "reading plus the items sorted since) is a sensor fault "
+                                      "(a sheet over the sensor), not a full compartment.",
+                                min=5.0, max=100.0)
+    emptied_drop_pct: float = _opt(30.0, "A smoothed level that falls this much means the "
+                                         "compartment was emptied.", min=5.0, max=100.0)
+
+
 @dataclass(frozen=True)
 class MqttSection:
     enabled: bool = _opt(False, "Publish over MQTT (smartbin run/simulate --mqtt also sets it).")
@@ -276,6 +326,7 @@ class Config:
     loop: LoopSection = field(default_factory=LoopSection)
     store: StoreSection = field(default_factory=StoreSection)
     photos: PhotosSection = field(default_factory=PhotosSection)
+    fill: FillSection = field(default_factory=FillSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     simulator: SimulatorSection = field(default_factory=SimulatorSection)
 
@@ -516,12 +567,79 @@ def _check_pins(cfg: Config) -> None:
         pins["gate.pin"] = cfg.gate.pin
     if cfg.camera.led_pin >= 0:
         pins["camera.led_pin"] = cfg.camera.led_pin
+    pins.update(_fill_pins(cfg.fill))
     seen: dict[int, str] = {}
     for name, pin in pins.items():
         if pin in seen:
             raise ConfigError(f"{name} = {pin}: GPIO {pin} is already used by {seen[pin]}")
         seen[pin] = name
     _check_crop(cfg.camera)
+
+
+I2C_PINS = {2: "I2C SDA", 3: "I2C SCL"}
+I2C_ADDRESSES = (0x08, 0x77)  # 7-bit addresses outside the reserved ranges
+
+
+def _fill_pins(fill: FillSection) -> dict[str, int]:
+    """The GPIOs the fill sensors use, named by their key."""
+    if fill.sensor == "ultrasonic":
+        tables = {"trigger_pins": fill.trigger_pins, "echo_pins": fill.echo_pins}
+    elif fill.sensor in ("vl53l0x", "vl53l1x"):
+        tables = {"xshut_pins": fill.xshut_pins}
+    else:
+        return {}
+    pins = {}
+    for key, table in tables.items():
+        for b in BINS:
+            if b not in table:
+                raise ConfigError(f"fill.{key} has no pin for {b}: give one GPIO per "
+                                  f"compartment, e.g. {{ {', '.join(f'{x} = 5' for x in BINS[:2])}"
+                                  ", ... }")
+            pin = table[b]
+            if pin != int(pin) or not 0 <= pin <= 27:
+                raise ConfigError(f"fill.{key}.{b} = {pin:g}: must be a GPIO from 0 to 27")
+            if fill.sensor != "ultrasonic" and int(pin) in I2C_PINS:
+                raise ConfigError(f"fill.{key}.{b} = {pin:g}: GPIO {pin:g} is the "
+                                  f"{I2C_PINS[int(pin)]} line the sensors use")
+            pins[f"fill.{key}.{b}"] = int(pin)
+    return pins
+
+
+def _check_fill(cfg: Config) -> None:
+    fill = cfg.fill
+    for key in ("capacity_l", "item_volume_l", "trigger_pins", "echo_pins", "i2c_addresses",
+                "xshut_pins"):
+        unknown = [b for b in getattr(fill, key) if b not in BINS]
+        if unknown:
+            raise ConfigError(f"fill.{key}.{_clip(unknown[0])}: unknown bin; bins are "
+                              f"{', '.join(BINS)}")
+    for b in BINS:
+        if fill.capacity_l.get(b, 0) <= 0:
+            raise ConfigError(f"fill.capacity_l.{b} must be a volume above 0 litres")
+        if fill.item_volume_l.get(b, 0) <= 0:
+            raise ConfigError(f"fill.item_volume_l.{b} must be a volume above 0 litres")
+    if fill.full_m >= fill.empty_m:
+        raise ConfigError(f"fill.full_m = {fill.full_m:g}: must be less than fill.empty_m "
+                          f"({fill.empty_m:g}): the contents come nearer the sensor as it fills")
+    if fill.warn_pct > fill.full_pct:
+        raise ConfigError(f"fill.warn_pct = {fill.warn_pct:g}: must not be above fill.full_pct "
+                          f"({fill.full_pct:g})")
+    if fill.sensor in ("vl53l0x", "vl53l1x"):
+        lo, hi = I2C_ADDRESSES
+        seen: dict[int, str] = {}
+        for b in BINS:
+            if b not in fill.i2c_addresses:
+                raise ConfigError(f"fill.i2c_addresses has no address for {b}: give one per "
+                                  "compartment, e.g. { recyclable = 0x30, ... }")
+            address = fill.i2c_addresses[b]
+            if address != int(address) or not lo <= address <= hi:
+                raise ConfigError(f"fill.i2c_addresses.{b} = {address:g} (0x{int(address):x}): "
+                                  f"out of range; 7-bit I2C addresses run from 0x{lo:02x} to "
+                                  f"0x{hi:02x}")
+            if int(address) in seen:
+                raise ConfigError(f"fill.i2c_addresses.{b} = 0x{int(address):x}: already the "
+                                  f"address of {seen[int(address)]}")
+            seen[int(address)] = b
 
 
 CROP_KEYS = ("x", "y", "width", "height")
@@ -573,6 +691,7 @@ def _cross_checks(cfg: Config) -> None:
     _check_bin_id(cfg.bin.id)
     _check_mqtt(cfg.mqtt)
     _check_pins(cfg)
+    _check_fill(cfg)
     _check_simulated(cfg)
 
 

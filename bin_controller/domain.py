@@ -49,6 +49,8 @@ class SortEvent:
     predicted_bin: str | None = None
     # A photo of the item was taken for the photo log (photos.keep), under this seq.
     photo: bool = False
+    # The compartment the item was meant for, when that one was full (fill.when_full).
+    redirected_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -119,6 +119,16 @@ class PhotoSink(Protocol):
         ...
 
 
+class FillGauge(Protocol):
+    """How full the compartments are (the fill tracker)."""
+
+    def is_full(self, bin_name: str) -> bool: ...
+
+    def added(self, event: SortEvent) -> None:
+        """An item was counted in `event.bin`: it takes room there now."""
+        ...
+
+
 @dataclass(frozen=True)
 class Pending:
     """An item whose bin is decided and noted before the flap moves: the token the loop

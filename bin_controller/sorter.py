@@ -24,6 +24,7 @@ from bin_controller.errors import BusyError, CommandError
 from bin_controller.parts import (
     Camera,
     DescribesFrames,
+    FillGauge,
     Flap,
     Gate,
     ImageClassifier,
@@ -50,6 +51,7 @@ class SortingLoop:
         recorder: Recorder,
         gate: Gate | None = None,
         photos: PhotoSink | None = None,
+        fill: FillGauge | None = None,
     ) -> None:
         self.cfg = config
         self.sensor = sensor
@@ -59,6 +61,7 @@ class SortingLoop:
         self.gate = gate
         self.recorder = recorder
         self.photos = photos
+        self.fill = fill
         self.state = State.IDLE
         self.state_detail = ""
         self.heartbeat = time.monotonic()
@@ -301,6 +304,10 @@ class SortingLoop:
             prediction, error = self._attempt(
                 "classifier", lambda: self.classifier.classify_array(np.asarray(frame)))
         bin_name, uncertain, forced = self._decide(prediction)
+        room, redirected_from = self._room_for(bin_name)
+        if room is None:
+            return  # paused or stopping with the item on the flap: it is sorted later
+        bin_name = room
         bundle = self.classifier.bundle
         event = SortEvent(
             time=time.time(),
@@ -321,6 +328,7 @@ class SortingLoop:
             exposure_us=shot.exposure_us if shot else None,
             analogue_gain=shot.analogue_gain if shot else None,
             predicted_bin=prediction.bin if prediction else None,
+            redirected_from=redirected_from,
         )
         event.photo = frame is not None and self.photos is not None and self.photos.wants(event)
         # Journalled as pending before the flap moves: a crash from here on is resolved
@@ -381,7 +389,37 @@ class SortingLoop:
         camera = self.camera
         return camera.last_frame if isinstance(camera, DescribesFrames) else None
 
+    def _room_for(self, bin_name: str) -> tuple[str | None, str | None]:
+        """(the bin to tip into, the full one it replaces) under fill.when_full; (None, None)
+        when the item must stay on the flap: the bin paused, or stops while holding it.
+        Never a full compartment."""
+        fill = self.fill
+        if fill is None or not fill.is_full(bin_name):
+            return bin_name, None
+        policy = self.cfg.fill.when_full
+        fallback = self.cfg.model.fallback_bin
+        if policy == "fallback_bin" and fallback != bin_name and not fill.is_full(fallback):
+            log.info("%s is full: the item goes to %s", bin_name, fallback)
+            return fallback, bin_name
+        if policy == "pause":
+            self._paused = True
+            self._fault("full", f"{bin_name} is full: the bin is paused with the item on the "
+                                "flap; empty the compartment, then resume")
+            return None, None
+        # hold, and fallback_bin when the fallback compartment is full too.
+        self._set_state(State.FAULT, f"full: {bin_name}")
+        log.warning("%s is full: the item waits on the flap until it is emptied", bin_name)
+        while fill.is_full(bin_name) and not self._stop.is_set() and not self._paused:
+            self._drain(self.cfg.loop.tick_s)
+            self.heartbeat = time.monotonic()
+        if fill.is_full(bin_name):
+            return None, None
+        self._set_state(State.SORTING, bin_name)
+        return bin_name, None
+
     def _emit(self, event: SortEvent, frame: np.ndarray | None = None) -> None:
+        if self.fill is not None:
+            self.fill.added(event)
         if self.photos is not None:
             # Handed over before the event's listeners run: the photo log numbers nothing,
             # it files the frame under the seq the store just gave.

@@ -61,6 +61,7 @@ class Label:
     name: str
     name_en: str
     bin: str
+    volume_l: float | None = None  # typical volume of such an item (fill estimates)
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,10 @@ class _Reader:
         return BundleError(f"{self.where}: field {self._name(key)!r} {message}")
 
 
+# An item larger than a compartment is not one a bin takes.
+MAX_VOLUME_L = 1000.0
+
+
 def _parse_labels(r: _Reader) -> list[Label]:
     raw = r.get("labels", list)
     if not raw:
@@ -197,7 +202,12 @@ def _parse_labels(r: _Reader) -> list[Label]:
     labels = []
     for i, item in enumerate(raw):
         lr = _Reader(item, r.where, f"labels[{i}]")
-        label = Label(lr.get("name", str), lr.get("name_en", str, ""), lr.get("bin", str))
+        volume = lr.get("volume_l", (int, float), None)
+        if volume is not None and (isinstance(volume, bool) or not 0 < volume <= MAX_VOLUME_L):
+            raise lr.fail("volume_l", f"is {volume!r}; must be litres above 0 and at most "
+                                      f"{MAX_VOLUME_L}")
+        label = Label(lr.get("name", str), lr.get("name_en", str, ""), lr.get("bin", str),
+                      None if volume is None else float(volume))
         if label.bin not in BINS:
             raise lr.fail("bin", f"is {label.bin!r}; allowed bins are {', '.join(BINS)}")
         labels.append(label)
