@@ -63,7 +63,7 @@ fi
 if [ "$MKUSER" = 1 ]; then
   id smartbin >/dev/null 2>&1 || useradd --system --home-dir /var/lib/smartbin \
     --shell /usr/sbin/nologin smartbin
-  for g in gpio video; do
+  for g in gpio video i2c; do
     getent group "$g" >/dev/null && usermod -aG "$g" smartbin
   done
 fi
