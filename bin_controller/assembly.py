@@ -169,7 +169,7 @@ def build_bin(cfg: Config, *, classifier: ImageClassifier | None = None,
             _wire_fill(fill, loop)
         telemetry = None
         if cfg.mqtt.enabled and store is not None:
-            telemetry = _telemetry(cfg, loop, store, photos)
+            telemetry = _telemetry(cfg, loop, store, photos, fill)
             stack.callback(telemetry.stop)
         return Bin(config=cfg, pin_factory=pin_factory, camera=camera, sensor=sensor,
                    classifier=classifier, flap=flap, gate=gate, recorder=recorder, loop=loop,
@@ -204,9 +204,10 @@ def _route_store_faults(store: Store, loop: SortingLoop,
         loop.report_fault(kind, detail)
 
 
-def _telemetry(cfg: Config, loop: SortingLoop, store: Store,
-               photos: PhotoLog | None) -> Telemetry:
+def _telemetry(cfg: Config, loop: SortingLoop, store: Store, photos: PhotoLog | None,
+               fill: FillTracker | None) -> Telemetry:
     from bin_controller.mqtt.commands import make_handlers
+    from bin_controller.mqtt.fill_commands import make_fill_handlers
     from bin_controller.mqtt.review_commands import make_review_handlers
     from bin_controller.review import Reviews
 
@@ -228,11 +229,16 @@ def _telemetry(cfg: Config, loop: SortingLoop, store: Store,
         reviews = Reviews(photos.sitelog, photos.folder,
                           lambda: loop.classifier.bundle.labels)
         handlers.update(make_review_handlers(reviews, photos, publish_reply, counts_changed))
+    if fill is not None:
+        handlers.update(make_fill_handlers(fill))
     telemetry = Telemetry(cfg.mqtt, bin_id=cfg.bin.id, store=store, commands=handlers,
-                          status=loop.status, photos=photos)
+                          status=loop.status, photos=photos, fill=fill)
     loop.on_event.append(telemetry.on_event)
     loop.on_state.append(telemetry.on_state)
     loop.on_fault.append(telemetry.on_fault)
     if photos is not None:
         photos.on_photo.append(telemetry.on_photo)
+    if fill is not None:
+        fill.on_change.append(telemetry.on_fill)
+        fill.on_emptied.append(telemetry.on_emptied)
     return telemetry

@@ -16,6 +16,7 @@ from typing import TypeAlias
 
 from bin_controller.bins import BINS
 from bin_controller.domain import Fault, SortEvent, State
+from bin_controller.fill import Emptied
 
 JsonValue: TypeAlias = (
     "bool | int | float | str | Sequence[JsonValue] | Mapping[str, JsonValue] | None")
@@ -31,6 +32,9 @@ FAULT = "fault"
 COMMAND = "cmd"
 REPLY = "reply"
 OWNER = "owner"
+# Per compartment fill level (retained) and the emptying of one (an event, through the outbox).
+FILL = "fill"
+EMPTIED = "emptied"
 # The last item's picture: the JPEG thumbnail, and what it shows (its seq) beside it.
 IMAGE = "image"
 IMAGE_META = "image/meta"
@@ -176,6 +180,28 @@ def fault_message(fault: Fault) -> OutboxMessage:
     """A fault as an outbox message: delivered at least once, across outages and restarts,
     in order with the events around it."""
     return OutboxMessage(FAULT, fault_payload(fault), 1)
+
+
+# What `fill` says per compartment, in this order (FillTracker.snapshot() has more: the raw
+# sensor level and the event counts are for the logs and the simulator's report).
+FILL_FIELDS = ("pct", "state", "source", "sensor_fault", "items", "capacity_l", "full_in_s")
+
+
+def fill_payload(snapshot: Mapping[str, Mapping[str, object]]) -> str:
+    """The retained `fill`: compartment -> its level (percent), state (ok, warn, full),
+    where the level comes from (sensor or estimate), whether the sensor is faulty, the
+    items since the last emptying, the capacity and the predicted seconds to full (null
+    when it is not filling)."""
+    return json.dumps({b: {key: snapshot[b][key] for key in FILL_FIELDS}
+                       for b in BINS if b in snapshot}, ensure_ascii=False)
+
+
+def emptied_message(emptied: Emptied) -> OutboxMessage:
+    """A compartment was emptied: through the outbox like a fault, so an emptying during a
+    broker outage still arrives; `pct_before` is the level it was emptied at."""
+    return OutboxMessage(EMPTIED, to_json({
+        "bin": emptied.bin, "time": emptied.time, "pct_before": emptied.pct_before,
+        "items": emptied.items, "source": emptied.source}), EVENT_QOS)
 
 
 IMAGE_META_FIELDS = ("seq", "time", "label", "bin", "bytes", "width", "height", "content_type")

@@ -112,6 +112,70 @@ def test_a_contamination_that_is_not_json_does_not_crash_the_monitor():
     assert contamination_row(fleet.render(), "b1")[1] == "50.0%"
 
 
+def fill_lines(screen: str, bin_id: str) -> dict[str, str]:
+    """Compartment -> the rest of its fill line."""
+    lines = screen.splitlines()
+    start = lines.index("fill")
+    out = {}
+    for line in lines[start + 1:]:
+        if not line.startswith("  "):
+            break
+        words = line.split(maxsplit=2)
+        if words[0] == bin_id:
+            out[words[1]] = words[2]
+    return out
+
+
+FILL = {"recyclable": {"pct": 12.0, "state": "ok", "source": "estimate", "sensor_fault": False,
+                       "items": 3, "capacity_l": 40.0, "full_in_s": None},
+        "kitchen": {"pct": 72.4, "state": "warn", "source": "sensor", "sensor_fault": False,
+                    "items": 20, "capacity_l": 20.0, "full_in_s": 4800},
+        "hazardous": {"pct": 100.0, "state": "full", "source": "estimate",
+                      "sensor_fault": True, "items": 40, "capacity_l": 10.0,
+                      "full_in_s": None},
+        "other": {"pct": 0.0, "state": "ok", "source": "sensor", "sensor_fault": False,
+                  "items": 0, "capacity_l": 40.0, "full_in_s": 200000}}
+
+
+def test_fill_bars_per_compartment():
+    fleet = Fleet("smartbin")
+    feed(fleet, "smartbin/b1/counts", COUNTS)
+    assert "fill" not in fleet.render().splitlines()  # a bin that sends no fill
+    feed(fleet, "smartbin/b1/fill", FILL)
+    assert fill_lines(fleet.render(), "b1") == {
+        "recyclable": "[#         ]  12 % ok",
+        "kitchen": "[#######   ]  72 % warn, full in 1 h 20 m",
+        "hazardous": "[##########] 100 % full, sensor fault",
+        "other": "[          ]   0 % ok, full in 2 d 7 h"}
+    assert row(fleet.render(), "b1")[3:] == ["4", "2", "0", "2", "8"]
+
+
+@pytest.mark.parametrize("payload", [
+    {"kitchen": {"pct": "72", "state": "brimming", "sensor_fault": "yes", "full_in_s": -5}},
+    {"kitchen": {"pct": 250.0, "state": ["full"], "full_in_s": 10**40}},
+    {"kitchen": {"pct": True, "state": None, "full_in_s": "soon"}},
+    {"kitchen": {"pct": -1, "state": "\x1b[2Jfull"}},
+    {"kitchen": [72, "warn"]},
+    {"kitchen": None},
+    {},
+    [1, 2],
+    "full",
+    b'{"kitchen": {"pct": NaN}}',
+    b'{"kitchen": {"pct": 1e999}}',
+    b'{"kitchen": {"pct": ' + b"9" * 5000 + b"}}",
+    b"[" * 50_000 + b"]" * 50_000,
+    b"\xff\xfe",
+])
+def test_a_malformed_fill_is_shown_as_unknown(payload):
+    fleet = Fleet("smartbin")
+    feed(fleet, "smartbin/b1/fill", payload)
+    lines = fill_lines(fleet.render(), "b1")
+    assert lines["kitchen"] == "[          ]   ? % ?"
+    assert "\x1b" not in fleet.render()
+    feed(fleet, "smartbin/b1/fill", FILL)  # the next good one is shown again
+    assert fill_lines(fleet.render(), "b1")["kitchen"].startswith("[#######   ]  72 % warn")
+
+
 ALL_UNKNOWN_COUNTS = ["?"] * 5
 
 
@@ -199,7 +263,8 @@ def test_the_fleet_stays_bounded():
 topics = st.builds(lambda bin_id, rest: f"smartbin/{bin_id}/{rest}",
                    st.text(max_size=8).filter(lambda s: "/" not in s),
                    st.sampled_from(["availability", "counts", "state", "event", "stats",
-                                    "last", "counts/kitchen", "fault", "x/y"]) | st.text(
+                                    "last", "counts/kitchen", "fault", "fill", "emptied",
+                                    "x/y"]) | st.text(
                                         max_size=10)) | st.text(max_size=20)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
@@ -207,7 +272,9 @@ json_values = st.recursive(
         st.sampled_from(["seq", "time", "label", "label_en", "error", "bin", "confidence",
                          "bin_confidence", "uncertain", "failed", "state", "total",
                          "kitchen", "other", "contamination", "rate", "wrong",
-                         "reviewed_fraction"]) | st.text(max_size=5), kids, max_size=5),
+                         "reviewed_fraction", "recyclable", "hazardous", "pct",
+                         "full_in_s", "sensor_fault"]) | st.text(max_size=5), kids,
+        max_size=5),
     max_leaves=12)
 payloads = (st.binary(max_size=200)
             | json_values.map(lambda v: json.dumps(v).encode())
@@ -252,6 +319,8 @@ def test_a_bad_retained_message_does_not_stop_later_monitors(tmp_path):
                 ("smartbin/bad/state", b"[" * 20_000 + b"]" * 20_000),
                 ("smartbin/bad/availability", b"\xff\xfe"),
                 ("smartbin/bad/event", b'{"seq": 1, "time": "noon", "confidence": 1e400}'),
+                ("smartbin/bad/fill", b'{"kitchen": {"pct": "lots", "state": 7}, '
+                                      b'"other": {"pct": 1e400}}'),
                 ("smartbin/good/counts", b'{"recyclable": 1, "kitchen": 0, "hazardous": 0, '
                                          b'"other": 0, "total": 1}')]:
             pub.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
@@ -263,6 +332,7 @@ def test_a_bad_retained_message_does_not_stop_later_monitors(tmp_path):
                                capture_output=True, text=True, timeout=60)
             assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
             assert row(r.stdout, "bad")[1:4] == ["?", "?", "?"]
+            assert fill_lines(r.stdout, "bad")["kitchen"] == "[          ]   ? % ?"
             assert row(r.stdout, "good")[-1] == "1"
     finally:
         broker.stop()

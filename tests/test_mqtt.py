@@ -127,7 +127,8 @@ def test_outbox_survives_a_restart_without_broker(broker, demo, tmp_path):
 def test_discovery_payloads(broker, demo, tmp_path):
     listener = Listener(broker.port, topic="homeassistant/#", client_id="ha")
     run_bin(mqtt_cfg(broker.port), demo, tmp_path, 1)
-    assert listener.wait_for(lambda li: len(li.retained) >= 11)
+    # 11 entities, and per compartment its fill, a problem while full and an Emptied button.
+    assert listener.wait_for(lambda li: len(li.retained) >= 11 + 3 * len(BINS))
     configs = {t: json.loads(p) for t, p in listener.retained.items() if t.endswith("/config")}
     for b in BINS:
         conf = configs[f"homeassistant/sensor/smartbin_t1/count_{b}/config"]
@@ -135,11 +136,13 @@ def test_discovery_payloads(broker, demo, tmp_path):
         assert conf["state_topic"] == f"smartbin/t1/counts/{b}"
     for conf in configs.values():
         assert {"name", "unique_id", "device"} <= set(conf)
-        assert {"state_topic", "image_topic"} & set(conf)
+        assert {"state_topic", "image_topic", "command_topic"} & set(conf)
         assert conf["device"]["identifiers"] == ["smartbin_t1"]
     names = {c["name"] for c in configs.values()}
     assert {"Items sorted", "Last item", "Last bin", "State", "Online", "Contamination",
-            "Last item picture"} <= names
+            "Last item picture", "Kitchen fill", "Kitchen full", "Emptied kitchen"} <= names
+    button = configs["homeassistant/button/smartbin_t1/emptied_kitchen/config"]
+    assert button["command_topic"] == "smartbin/t1/cmd/emptied"
     image = configs["homeassistant/image/smartbin_t1/last_image/config"]
     assert image["image_topic"] == "smartbin/t1/image"
     assert all("availability_topic" in c for t, c in configs.items() if "/sensor/" in t)

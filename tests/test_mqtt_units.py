@@ -24,18 +24,23 @@ from bin_controller.bins import BINS
 from bin_controller.config import config_from_dict
 from bin_controller.domain import Fault, SortEvent, State
 from bin_controller.errors import BundleError, BusyError, CommandError, ConfigError
+from bin_controller.fill import Emptied, FillTracker
 from bin_controller.mqtt.commands import Commands, make_handlers, parse_args
 from bin_controller.mqtt.connection import Connection, parse_host
 from bin_controller.mqtt.discovery import discovery_payloads, node_id, status_topic
 from bin_controller.mqtt.outbox import OutboxPublisher
 from bin_controller.mqtt.owner import OwnerClaim
 from bin_controller.payloads import (
+    FILL,
+    FILL_FIELDS,
     IMAGE,
     IMAGE_META,
     bin_count_payloads,
     counts_payload,
+    emptied_message,
     event_message,
     fault_payload,
+    fill_payload,
     image_meta_payload,
     last_payload,
     review_photo_topic,
@@ -70,9 +75,15 @@ def test_event_message_bytes():
         '"confidence": 0.875, "uncertain": false, "failed": false, "forced": true, '
         '"cycle_ms": 123.5, "decision_ms": 45.25, "model": "demo", "model_version": "1", '
         '"error": null, "bin_confidence": 0.9, "seq": 1, "frame_time": null, '
-        '"exposure_us": null, "analogue_gain": null, "predicted_bin": null, "photo": false}')
+        '"exposure_us": null, "analogue_gain": null, "predicted_bin": null, "photo": false, '
+        '"redirected_from": null}')
     m = event_message(sample_event(predicted_bin="other", photo=True))
-    assert m.payload.endswith('"predicted_bin": "other", "photo": true}')
+    assert m.payload.endswith('"predicted_bin": "other", "photo": true, '
+                              '"redirected_from": null}')
+    m = event_message(sample_event(bin="other", predicted_bin="kitchen",
+                                   redirected_from="kitchen"))
+    assert m.payload.endswith('"predicted_bin": "kitchen", "photo": false, '
+                              '"redirected_from": "kitchen"}')
 
 
 def test_retained_payload_bytes():
@@ -130,6 +141,49 @@ def test_photo_and_contamination_payload_bytes():
         '{"uptime_s": 1.0, "cycle_ms_p50": null, "cycle_ms_p95": null, "items_per_hour": 0, '
         '"outbox": 0, "version": "1", "photos_mb": 0.5, "photos_dropped": 0, '
         '"photos_deleted": 2, "contamination": {"items": 0}}')
+
+
+def fill_entry(**over: object) -> dict:
+    return {"pct": 0.0, "state": "ok", "source": "estimate", "sensor_fault": False,
+            "sensor_pct": None, "items": 0, "capacity_l": 40.0, "full_in_s": None,
+            "emptied_at": None, "full_events": 0, "emptied_events": 0, **over}
+
+
+def test_fill_and_emptied_payload_bytes():
+    snapshot = {"recyclable": fill_entry(),
+                "kitchen": fill_entry(pct=72.5, state="warn", source="sensor", items=12,
+                                      capacity_l=20.0, full_in_s=4800, sensor_pct=71.0,
+                                      full_events=2),
+                "hazardous": fill_entry(pct=96.0, state="full", sensor_fault=True, items=30,
+                                        capacity_l=10.0),
+                "other": fill_entry(capacity_l=40.0)}
+    assert fill_payload(snapshot) == (
+        '{"recyclable": {"pct": 0.0, "state": "ok", "source": "estimate", "sensor_fault": '
+        'false, "items": 0, "capacity_l": 40.0, "full_in_s": null}, '
+        '"kitchen": {"pct": 72.5, "state": "warn", "source": "sensor", "sensor_fault": '
+        'false, "items": 12, "capacity_l": 20.0, "full_in_s": 4800}, '
+        '"hazardous": {"pct": 96.0, "state": "full", "source": "estimate", "sensor_fault": '
+        'true, "items": 30, "capacity_l": 10.0, "full_in_s": null}, '
+        '"other": {"pct": 0.0, "state": "ok", "source": "estimate", "sensor_fault": false, '
+        '"items": 0, "capacity_l": 40.0, "full_in_s": null}}')
+    m = emptied_message(Emptied("kitchen", 1700000002.5, 97.5, 31, "command"))
+    assert (m.topic, m.qos, FILL) == ("emptied", 1, "fill")
+    assert m.payload == ('{"bin": "kitchen", "time": 1700000002.5, "pct_before": 97.5, '
+                         '"items": 31, "source": "command"}')
+
+
+def test_the_fill_payload_reads_the_trackers_snapshot(tmp_path):
+    cfg = config_from_dict({"fill": {"capacity_l": {
+        "recyclable": 40.0, "kitchen": 2.0, "hazardous": 10.0, "other": 40.0}}}).fill
+    fill = FillTracker(cfg, tmp_path)
+    for _ in range(3):
+        fill.added(sample_event(bin="kitchen"))  # 0.3 l each
+    sent = json.loads(fill_payload(fill.snapshot()))
+    assert list(sent) == list(BINS)
+    assert all(list(entry) == list(FILL_FIELDS) for entry in sent.values())
+    assert sent["kitchen"]["pct"] == 45.0 and sent["kitchen"]["items"] == 3
+    assert sent["kitchen"]["capacity_l"] == 2.0 and sent["kitchen"]["state"] == "ok"
+    assert sent["other"]["pct"] == 0.0
 
 
 def test_store_queues_what_it_is_given_and_nothing_otherwise(tmp_path):
@@ -397,6 +451,47 @@ def test_discovery_payload_bytes():
         '"online", "payload_not_available": "offline"}')
     # The entities of a bin without a photo log are the same bytes as before.
     assert {t: c for t, c in with_photos.items() if t in out} == out
+
+
+def test_discovery_of_the_fill_levels():
+    cfg = config_from_dict({}).mqtt
+    plain = discovery_payloads(cfg, "g-1", "smartbin/g-1", photos=True)
+    out = discovery_payloads(cfg, "g-1", "smartbin/g-1", photos=True, fill=True)
+    assert {t: c for t, c in out.items() if t in plain} == plain  # the others unchanged
+    node = "homeassistant/{}/smartbin_g_1/{}/config"
+    assert set(out) - set(plain) == {node.format(platform, f"{key}_{b}") for b in BINS
+                                     for platform, key in [("sensor", "fill"),
+                                                           ("binary_sensor", "full"),
+                                                           ("button", "emptied")]}
+    dev = ('"device": {"identifiers": ["smartbin_g_1"], "name": "Smart bin g-1", '
+           '"manufacturer": "smartbin", "model": "four-compartment sorting bin", '
+           f'"sw_version": "{__version__}"}}, "availability_topic": '
+           '"smartbin/g-1/availability", "payload_available": "online", '
+           '"payload_not_available": "offline"}')
+    assert to_json(out[node.format("sensor", "fill_kitchen")]) == (
+        '{"name": "Kitchen fill", "state_topic": "smartbin/g-1/fill", "value_template": '
+        '"{{ value_json.kitchen.pct }}", "state_class": "measurement", '
+        '"unit_of_measurement": "%", "json_attributes_topic": "smartbin/g-1/fill", '
+        '"json_attributes_template": "{{ value_json.kitchen | tojson }}", "icon": '
+        '"mdi:delete-empty", "unique_id": "smartbin_g_1_fill_kitchen", "object_id": '
+        f'"smartbin_g_1_fill_kitchen", {dev}')
+    assert to_json(out[node.format("binary_sensor", "full_kitchen")]) == (
+        '{"name": "Kitchen full", "state_topic": "smartbin/g-1/fill", "value_template": '
+        '"{{ \'ON\' if value_json.kitchen.state == \'full\' else \'OFF\' }}", '
+        '"device_class": "problem", "unique_id": "smartbin_g_1_full_kitchen", "object_id": '
+        f'"smartbin_g_1_full_kitchen", {dev}')
+    assert to_json(out[node.format("button", "emptied_kitchen")]) == (
+        '{"name": "Emptied kitchen", "command_topic": "smartbin/g-1/cmd/emptied", '
+        '"payload_press": "{\\"bin\\": \\"kitchen\\"}", "icon": "mdi:delete-restore", '
+        '"unique_id": "smartbin_g_1_emptied_kitchen", "object_id": '
+        f'"smartbin_g_1_emptied_kitchen", {dev}')
+    for b in BINS:
+        button = out[node.format("button", f"emptied_{b}")]
+        assert json.loads(str(button["payload_press"])) == {"bin": b}
+        assert out[node.format("sensor", f"fill_{b}")]["value_template"] == \
+            f"{{{{ value_json.{b}.pct }}}}"
+    ids = [c["unique_id"] for c in out.values()]
+    assert len(set(ids)) == len(ids) == 11 + 12
 
 
 # ---------------------------------------------------------------------- commands
@@ -1247,3 +1342,101 @@ def test_a_refused_review_command_changes_nothing(review):
         assert reply["ok"] is False and "\n" not in reply["error"], (name, payload[:60])
         assert reviews_of(review.sitelog) == before
     assert len(review.changed) == changed  # nothing to republish
+
+
+# ---------------------------------------------------------------------- fill
+
+
+@pytest.fixture
+def fill_bin(tmp_path):
+    from bin_controller.mqtt.fill_commands import make_fill_handlers
+
+    cfg = config_from_dict({"fill": {"capacity_l": {
+        "recyclable": 40.0, "kitchen": 2.0, "hazardous": 10.0, "other": 40.0}}}).fill
+    tracker = FillTracker(cfg, tmp_path)
+    emptied: list[Emptied] = []
+    tracker.on_emptied.append(emptied.append)
+    for _ in range(4):
+        tracker.added(sample_event(bin="kitchen"))
+    return SimpleNamespace(tracker=tracker, emptied=emptied,
+                           commands=Commands(make_fill_handlers(tracker)))
+
+
+def test_the_emptied_command_resets_the_level_and_answers_what_it_was(fill_bin):
+    reply = fill_bin.commands.handle("emptied", b'{"bin": "kitchen", "id": 3}')
+    assert reply == {"ok": True, "bin": "kitchen", "pct_before": 60.0, "items": 4,
+                     "command": "emptied", "id": 3}
+    assert [(e.bin, e.pct_before, e.items, e.source) for e in fill_bin.emptied] == [
+        ("kitchen", 60.0, 4, "command")]
+    after = fill_bin.tracker.snapshot()["kitchen"]
+    assert (after["pct"], after["items"], after["emptied_events"]) == (0.0, 0, 1)
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    (b'{"bin": "garden"}', "bin 'garden' is not a compartment of this bin; bin must be one "
+                           "of recyclable, kitchen, hazardous, other"),
+    (b'{"bin": 2}', "bin must be the name of a compartment"),
+    (b'{"bin": ["kitchen"]}', "bin must be the name of a compartment"),
+    (b"{}", "missing field(s) bin"),
+    (b"", "missing field(s) bin"),
+    (b'{"bin": "kitchen", "pct": 0}', "unexpected field(s) pct; allowed: bin"),
+    (b'["kitchen"]', "payload must be a JSON object"),
+    (b'{"bin": "' + b"x" * 60_000 + b'"}', "bin 'xxxxxxxxxx"),
+])
+def test_a_bad_emptied_command_changes_nothing(fill_bin, payload, message):
+    before = fill_bin.tracker.snapshot()
+    reply = fill_bin.commands.handle("emptied", payload)
+    assert reply["ok"] is False and reply["error"].startswith(message), reply
+    assert "\n" not in reply["error"] and len(reply["error"]) < 200
+    assert fill_bin.tracker.snapshot() == before and fill_bin.emptied == []
+
+
+def test_fill_is_published_on_change_only_while_connected_and_on_every_connect(tmp_path):
+    from bin_controller.mqtt.retained import RetainedState
+
+    tracker = FillTracker(config_from_dict({}).fill, tmp_path)
+    conn = RecordingConn()
+    state = RetainedState(conn, FakeStore(), "s/b", status=dict, stats_interval_s=60,
+                          fill=tracker.snapshot)
+    tracker.on_change.append(state.on_fill)
+
+    def fills() -> list[dict]:
+        return [json.loads(p) for t, p, r in conn.sent if t == "s/b/fill" and r]
+
+    tracker.added(sample_event(bin="other"))
+    assert [f["other"]["items"] for f in fills()] == [1]
+    conn.connected.clear()
+    tracker.added(sample_event(bin="other"))
+    assert len(fills()) == 1  # offline: the next connect publishes it
+    conn.connected.set()
+    state.republish()
+    assert fills()[-1]["other"]["items"] == 2
+    assert fills()[-1] == json.loads(fill_payload(tracker.snapshot()))
+    # Without a tracker there is no fill topic at all.
+    _, plain = retained_state(None)
+    plain.republish()
+    plain.on_fill()
+    assert "s/b/fill" not in plain.conn.topics()
+
+
+def test_fill_changes_from_many_threads_leave_the_newest_retained(tmp_path):
+    from bin_controller.mqtt.retained import RetainedState
+
+    tracker = FillTracker(config_from_dict({}).fill, tmp_path)
+    conn = RecordingConn(pause_s=0.0002)
+    state = RetainedState(conn, FakeStore(), "s/b", status=dict, stats_interval_s=60,
+                          fill=tracker.snapshot)
+    tracker.on_change.append(state.on_fill)
+
+    def sorter(bin_name: str) -> None:
+        for _ in range(50):
+            tracker.added(sample_event(bin=bin_name))
+
+    threads = [threading.Thread(target=sorter, args=(b,)) for b in BINS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sent = [json.loads(p) for t, p, _ in conn.sent if t == "s/b/fill"]
+    totals = [sum(entry["items"] for entry in f.values()) for f in sent]
+    assert totals == sorted(totals) and totals[-1] == 200

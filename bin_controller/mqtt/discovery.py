@@ -12,6 +12,7 @@ from bin_controller.config import MqttSection
 from bin_controller.payloads import (
     AVAILABILITY,
     COUNTS,
+    FILL,
     IMAGE,
     IMAGE_CONTENT_TYPE,
     LAST,
@@ -19,7 +20,9 @@ from bin_controller.payloads import (
     ONLINE,
     STATE,
     JsonObject,
+    command_topic,
     counts_topic,
+    to_json,
 )
 
 
@@ -79,18 +82,48 @@ def sensors(base: str, *, photos: bool = False) -> dict[str, JsonObject]:
     return out
 
 
+def fill_sensors(base: str) -> dict[str, JsonObject]:
+    """Per compartment its level in percent, from the retained `fill` (its other fields,
+    such as the state and the time to full, as attributes)."""
+    return {f"fill_{b}": {
+        "name": f"{b.capitalize()} fill", "state_topic": f"{base}/{FILL}",
+        "value_template": f"{{{{ value_json.{b}.pct }}}}", "state_class": "measurement",
+        "unit_of_measurement": "%", "json_attributes_topic": f"{base}/{FILL}",
+        "json_attributes_template": f"{{{{ value_json.{b} | tojson }}}}",
+        "icon": "mdi:delete-empty"} for b in BINS}
+
+
+def fill_entities(base: str) -> dict[tuple[str, str], JsonObject]:
+    """(platform, key) -> entity config: per compartment a problem that is on while it is
+    full, and the button that says it was emptied (cmd/emptied)."""
+    out: dict[tuple[str, str], JsonObject] = {}
+    for b in BINS:
+        out[("binary_sensor", f"full_{b}")] = {
+            "name": f"{b.capitalize()} full", "state_topic": f"{base}/{FILL}",
+            "value_template": f"{{{{ 'ON' if value_json.{b}.state == 'full' else 'OFF' }}}}",
+            "device_class": "problem"}
+        out[("button", f"emptied_{b}")] = {
+            "name": f"Emptied {b}", "command_topic": f"{base}/{command_topic('emptied')}",
+            "payload_press": to_json({"bin": b}), "icon": "mdi:delete-restore"}
+    return out
+
+
 def discovery_payloads(cfg: MqttSection, bin_id: str, base: str, *,
-                       photos: bool = False) -> dict[str, JsonObject]:
+                       photos: bool = False, fill: bool = False) -> dict[str, JsonObject]:
     """Config topic -> config payload, for every entity of the bin, under one device; with
     `photos` (a bin keeping a photo log) also the last item's picture and the
-    contamination."""
+    contamination; with `fill` (a bin tracking its fill levels) per compartment its level,
+    a problem while full and an "Emptied" button."""
     node = node_id(bin_id)
     dev = device(bin_id)
     availability: JsonObject = {"availability_topic": f"{base}/{AVAILABILITY}",
                                 "payload_available": ONLINE,
                                 "payload_not_available": OFFLINE}
     out: dict[str, JsonObject] = {}
-    for key, conf in sensors(base, photos=photos).items():
+    entities = sensors(base, photos=photos)
+    if fill:
+        entities.update(fill_sensors(base))
+    for key, conf in entities.items():
         topic = f"{cfg.discovery_prefix}/sensor/{node}/{key}/config"
         out[topic] = {**conf, "unique_id": f"{node}_{key}", "object_id": f"{node}_{key}",
                       "device": dev, **availability}
@@ -104,4 +137,9 @@ def discovery_payloads(cfg: MqttSection, bin_id: str, base: str, *,
         out[image] = {"name": "Last item picture", "image_topic": f"{base}/{IMAGE}",
                       "content_type": IMAGE_CONTENT_TYPE, "unique_id": f"{node}_last_image",
                       "object_id": f"{node}_last_image", "device": dev, **availability}
+    if fill:
+        for (platform, key), conf in fill_entities(base).items():
+            out[f"{cfg.discovery_prefix}/{platform}/{node}/{key}/config"] = {
+                **conf, "unique_id": f"{node}_{key}", "object_id": f"{node}_{key}",
+                "device": dev, **availability}
     return out

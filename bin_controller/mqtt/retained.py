@@ -1,5 +1,5 @@
-"""What a dashboard sees on subscribing: availability, counts, last item, state, discovery;
-plus faults as they happen and periodic stats.
+"""What a dashboard sees on subscribing: availability, counts, last item, state, fill,
+discovery; plus faults as they happen and periodic stats.
 
 Retained state goes at QoS 0 on purpose: paho re-sends unacknowledged QoS 1 messages after a
 reconnect, and a stale count arriving after a fresh one would become the retained value.
@@ -34,6 +34,7 @@ from bin_controller.payloads import (
     AVAILABILITY,
     COUNTS,
     FAULT,
+    FILL,
     LAST,
     OFFLINE,
     ONLINE,
@@ -44,6 +45,7 @@ from bin_controller.payloads import (
     bin_count_payloads,
     counts_payload,
     fault_payload,
+    fill_payload,
     last_payload,
     state_payload,
     stats_report,
@@ -61,6 +63,8 @@ POLL_S = 0.5
 LOGGING_GRACE_S = 2.0
 
 Status = Callable[[], Mapping[str, JsonValue]]
+# The fill levels now (FillTracker.snapshot).
+FillLevels = Callable[[], Mapping[str, Mapping[str, object]]]
 
 
 class RetainedStore(Protocol):
@@ -99,7 +103,8 @@ class RetainedState:
                  status: Status, stats_interval_s: float,
                  discovery: Mapping[str, JsonObject] | None = None,
                  reviewed: Reviewed | None = None,
-                 photo_stats: Callable[[], Mapping[str, JsonValue]] | None = None) -> None:
+                 photo_stats: Callable[[], Mapping[str, JsonValue]] | None = None,
+                 fill: FillLevels | None = None) -> None:
         self.conn = conn
         self.store = store
         self.base = base
@@ -108,6 +113,10 @@ class RetainedState:
         self.discovery: Mapping[str, JsonObject] = discovery or {}
         self.reviewed = reviewed
         self.photo_stats = photo_stats
+        self.fill = fill
+        # Read and publish under one lock, like the counts: levels changed by the loop,
+        # the sensor thread and a command reach the broker in the order they were read.
+        self._fill_lock = threading.Lock()
         # Snapshot, contamination and publish under one lock: counts published from the
         # loop, a command, the tick and a connect reach the broker in the order they were
         # read, so the retained value is the newest.
@@ -134,7 +143,20 @@ class RetainedState:
         last = self.store.last_event()
         if last:
             self._publish(LAST, last_payload(last))
+        self.publish_fill()
         self.publish_discovery()
+
+    def publish_fill(self) -> None:
+        """The fill levels as they are now (from any thread); nothing without a tracker."""
+        if self.fill is None:
+            return
+        with self._fill_lock:
+            self._publish(FILL, fill_payload(self.fill()))
+
+    def on_fill(self) -> None:
+        """A level or state changed: only while connected (every connect publishes it)."""
+        if self.conn.connected.is_set():
+            self.publish_fill()
 
     def publish_counts(self, *, refresh: bool = False) -> None:
         """The counts; with `refresh`, the contamination read again first (never on the

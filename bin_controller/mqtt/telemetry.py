@@ -5,7 +5,7 @@ bin_controller/payloads.py. The parts, each in its own module:
 
   connection  the paho client; fans connect, disconnect, ack and message callbacks out
   outbox      event messages from the SQLite outbox: in order, at least once
-  retained    availability, counts, last item, state, faults, stats, discovery
+  retained    availability, counts, last item, state, fill, faults, stats, discovery
   pictures    the last item's picture: image/meta and image (with a photo log)
   discovery   Home Assistant entity configs (pure data)
   commands    cmd/<name> in, on threads of their own; reply/<name> out
@@ -37,6 +37,7 @@ from bin_controller.payloads import (
     OFFLINE,
     JsonObject,
     command_topic,
+    emptied_message,
     fault_message,
     reply_topic,
     to_json,
@@ -44,6 +45,7 @@ from bin_controller.payloads import (
 from bin_controller.store import Store
 
 if TYPE_CHECKING:
+    from bin_controller.fill import Emptied, FillTracker
     from bin_controller.photolog import PhotoLog, Thumbnail
 
 # How long a stop waits for the photo writer before the last contamination is published.
@@ -53,9 +55,12 @@ PHOTO_FLUSH_S = 2.0
 class Telemetry:
     def __init__(self, cfg: MqttSection, *, bin_id: str, store: Store,
                  commands: Mapping[str, Handler] | None = None,
-                 status: Status | None = None, photos: PhotoLog | None = None) -> None:
+                 status: Status | None = None, photos: PhotoLog | None = None,
+                 fill: FillTracker | None = None) -> None:
         """`photos`: the bin's photo log, for the pictures, the contamination in `counts`
-        and `stats`, and their discovery entities (hand its `on_photo` this `on_photo`)."""
+        and `stats`, and their discovery entities (hand its `on_photo` this `on_photo`).
+        `fill`: the bin's fill levels, for the retained `fill` and its entities (hand its
+        `on_change` this `on_fill` and its `on_emptied` this `on_emptied`)."""
         if not bin_id or any(ch in bin_id for ch in "/#+ "):
             raise SmartbinError(f"bin.id = {bin_id!r}: must be a single MQTT topic level "
                                 "(no '/', '+', '#' or spaces)")
@@ -64,6 +69,7 @@ class Telemetry:
         self.base = f"{cfg.prefix}/{bin_id}"
         self.store = store
         self.photos = photos
+        self.fill = fill
         self._conn = Connection(cfg, client_id=f"smartbin-{bin_id}",
                                 will=(f"{self.base}/{AVAILABILITY}", OFFLINE))
         self.client: mqtt.Client = self._conn.client
@@ -75,7 +81,8 @@ class Telemetry:
             stats_interval_s=cfg.stats_interval_s,
             discovery=self.discovery_payloads() if cfg.discovery else None,
             reviewed=photos.sitelog if photos is not None else None,
-            photo_stats=photos.stats if photos is not None else None)
+            photo_stats=photos.stats if photos is not None else None,
+            fill=fill.snapshot if fill is not None else None)
         self._pictures = Pictures(self._conn, self.base, lambda: photos.last) \
             if photos is not None else None
         self._commands = Commands(commands, reply=self._reply)
@@ -145,6 +152,19 @@ class Telemetry:
         else:
             self._retained.on_fault(fault, qos=1)
 
+    def on_fill(self) -> None:
+        """A fill level or state changed (the loop, the sensor thread or a command)."""
+        self._retained.on_fill()
+
+    def on_emptied(self, emptied: Emptied) -> None:
+        """A compartment was emptied: an `emptied` event through the outbox, like a fault."""
+        message = emptied_message(emptied)
+        if self.store.queue(message):
+            self._outbox.wake()
+        else:  # a full disk: paho keeps a QoS 1 message for the next connect at least
+            self._conn.publish(f"{self.base}/{message.topic}", message.payload,
+                               qos=message.qos)
+
     def report_fault(self, fault: Fault) -> None:
         """A fault of telemetry's own (the loop's come through on_fault)."""
         self.on_fault(fault)
@@ -161,7 +181,8 @@ class Telemetry:
     def discovery_payloads(self) -> dict[str, JsonObject]:
         """Home Assistant discovery: topic -> config payload."""
         return discovery.discovery_payloads(self.cfg, self.bin_id, self.base,
-                                            photos=self.photos is not None)
+                                            photos=self.photos is not None,
+                                            fill=self.fill is not None)
 
     def stats(self) -> JsonObject:
         return self._retained.stats()

@@ -27,6 +27,7 @@ from bin_controller.payloads import (
     AVAILABILITY,
     COUNTS,
     EVENT,
+    FILL,
     STATE,
     STATS,
     JsonObject,
@@ -43,6 +44,8 @@ MAX_BINS = 1000
 MAX_COUNT = 10**12
 MAX_TIME = 10**11
 UNKNOWN = "?"
+BAR = 10  # characters of a fill bar
+FILL_STATES = ("ok", "warn", "full")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,17 @@ class Contamination:
     wrong: dict[str, str]  # compartment -> reviewed items in it that belong elsewhere
 
 
+@dataclass(frozen=True)
+class Level:
+    """One compartment's fill (from `fill`), each field None when it is not what the bin
+    sends."""
+
+    pct: float | None
+    state: str | None
+    sensor_fault: bool
+    full_in_s: float | None
+
+
 @dataclass
 class BinView:
     availability: str = UNKNOWN
@@ -74,6 +88,7 @@ class BinView:
     state: str = UNKNOWN
     events: deque[Item] = field(default_factory=lambda: deque(maxlen=RECENT_ITEMS))
     stats: JsonObject = field(default_factory=dict)
+    fill: dict[str, Level] | None = None  # None: no `fill` seen (no fill tracking)
 
 
 # ---------------------------------------------------------------------- field checks
@@ -124,6 +139,46 @@ def contamination_of(value: JsonValue | None) -> Contamination:
                          wrong={b: count(_object(data.get(b)).get("wrong")) for b in BINS})
 
 
+def level(value: JsonValue | None) -> Level:
+    data = _object(value)
+    pct = data.get("pct")
+    state = data.get("state")
+    full_in = timestamp(data.get("full_in_s"))
+    return Level(
+        pct=float(pct) if isinstance(pct, int | float) and not isinstance(pct, bool)
+        and 0 <= pct <= 100 else None,
+        state=state if isinstance(state, str) and state in FILL_STATES else None,
+        sensor_fault=data.get("sensor_fault") is True, full_in_s=full_in)
+
+
+def fill_line(c: Level) -> str:
+    """`[#######   ]  72 % warn, full in 1 h 20 m`; '?' for what cannot be read."""
+    if c.pct is None:
+        bar, pct = " " * BAR, f"{UNKNOWN:>3}"
+    else:
+        filled = min(BAR, round(c.pct / 100 * BAR))
+        bar, pct = "#" * filled + " " * (BAR - filled), f"{c.pct:3.0f}"
+    text = f"[{bar}] {pct} % {c.state or UNKNOWN}"
+    if c.full_in_s is not None:
+        text += f", full in {duration(c.full_in_s)}"
+    if c.sensor_fault:
+        text += ", sensor fault"
+    return text
+
+
+def duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return "< 1 m"
+    if minutes < 60:
+        return f"{minutes} m"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} m" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
 def item(data: JsonObject) -> Item:
     seq = data.get("seq")
     what = next((v for v in (data.get("label_en"), data.get("label"), data.get("error"))
@@ -165,7 +220,7 @@ class Fleet:
         if kind == AVAILABILITY:
             self._update(bin_id, availability=_word(payload))
             return
-        if kind not in (COUNTS, STATE, EVENT, STATS):
+        if kind not in (COUNTS, STATE, EVENT, STATS, FILL):
             return
         try:
             data = parse_json(payload, what=topic)
@@ -182,11 +237,16 @@ class Fleet:
             self._update(bin_id, event=item(obj))
         elif kind == STATS:
             self._update(bin_id, stats=obj)
+        elif kind == FILL:
+            if not payload:
+                return  # a retained `fill` being cleared
+            self._update(bin_id, fill={b: level(obj.get(b)) for b in BINS})
 
     def _update(self, bin_id: str, *, availability: str | None = None,
                 counts: dict[str, str] | None = None, state: str | None = None,
                 event: Item | None = None, stats: JsonObject | None = None,
-                contamination: Contamination | None = None) -> None:
+                contamination: Contamination | None = None,
+                fill: dict[str, Level] | None = None) -> None:
         with self.lock:
             view = self.bins.get(bin_id)
             if view is None:
@@ -205,6 +265,8 @@ class Fleet:
                 view.events.append(event)
             if stats is not None:
                 view.stats = stats
+            if fill is not None:
+                view.fill = fill
         self.changed.set()
 
     def render(self) -> str:
@@ -213,6 +275,8 @@ class Fleet:
                     for bin_id, v in sorted(self.bins.items())}
             found = {bin_id: v.contamination for bin_id, v in sorted(self.bins.items())
                      if v.contamination is not None}
+            levels = {bin_id: dict(v.fill) for bin_id, v in sorted(self.bins.items())
+                      if v.fill is not None}
         if not bins:
             return "waiting for bins..."
         head = f"{'bin':16} {'online':8} {'state':12} " + " ".join(f"{b:>10}" for b in BINS) \
@@ -230,6 +294,12 @@ class Fleet:
             for bin_id, c in found.items():
                 lines.append(f"  {shown(bin_id)[:16]:16} {c.rate:>7} {c.reviewed:>9} "
                              + " ".join(f"{c.wrong[b]:>10}" for b in BINS))
+        if levels:
+            lines.append("")
+            lines.append("fill")
+            for bin_id, compartments in levels.items():
+                for b, at in compartments.items():
+                    lines.append(f"  {shown(bin_id)[:16]:16} {b:10} {fill_line(at)}")
         lines.append("")
         lines.append("recent items")
         for bin_id, (_, _, _, events) in bins.items():
