@@ -590,11 +590,7 @@ def _fill_pins(fill: FillSection) -> dict[str, int]:
         return {}
     pins = {}
     for key, table in tables.items():
-        for b in BINS:
-            if b not in table:
-                raise ConfigError(f"fill.{key} has no pin for {b}: give one GPIO per "
-                                  f"compartment, e.g. {{ {', '.join(f'{x} = 5' for x in BINS[:2])}"
-                                  ", ... }")
+        for b in BINS:  # complete: see _complete_fill_tables
             pin = table[b]
             if pin != int(pin) or not 0 <= pin <= 27:
                 raise ConfigError(f"fill.{key}.{b} = {pin:g}: must be a GPIO from 0 to 27")
@@ -605,10 +601,21 @@ def _fill_pins(fill: FillSection) -> dict[str, int]:
     return pins
 
 
+FILL_TABLES = ("capacity_l", "item_volume_l", "trigger_pins", "echo_pins", "i2c_addresses",
+               "xshut_pins")
+
+
+def _complete_fill_tables(cfg: Config) -> Config:
+    """A [fill] table that names some compartments keeps the defaults for the others, so
+    `capacity_l = { kitchen = 20 }` sets the kitchen's alone."""
+    defaults = FillSection()
+    given = {key: {**getattr(defaults, key), **getattr(cfg.fill, key)} for key in FILL_TABLES}
+    return replace(cfg, fill=replace(cfg.fill, **given))
+
+
 def _check_fill(cfg: Config) -> None:
     fill = cfg.fill
-    for key in ("capacity_l", "item_volume_l", "trigger_pins", "echo_pins", "i2c_addresses",
-                "xshut_pins"):
+    for key in FILL_TABLES:
         unknown = [b for b in getattr(fill, key) if b not in BINS]
         if unknown:
             raise ConfigError(f"fill.{key}.{_clip(unknown[0])}: unknown bin; bins are "
@@ -628,9 +635,6 @@ def _check_fill(cfg: Config) -> None:
         lo, hi = I2C_ADDRESSES
         seen: dict[int, str] = {}
         for b in BINS:
-            if b not in fill.i2c_addresses:
-                raise ConfigError(f"fill.i2c_addresses has no address for {b}: give one per "
-                                  "compartment, e.g. { recyclable = 0x30, ... }")
             address = fill.i2c_addresses[b]
             if address != int(address) or not lo <= address <= hi:
                 raise ConfigError(f"fill.i2c_addresses.{b} = {address:g} (0x{int(address):x}): "
@@ -713,6 +717,7 @@ def config_from_dict(data: Mapping[str, Any],
     """Validate a raw table (with command-line or simulator overrides laid over it first,
     so every check sees the final values) into a frozen Config."""
     cfg: Config = _build(Config, merge(dict(data), overrides or {}), "")
+    cfg = _complete_fill_tables(cfg)
     _cross_checks(cfg)
     if not cfg.model.dir:
         models = os.environ.get("SMARTBIN_MODELS") or str(Path(cfg.bin.state_dir) / "models")

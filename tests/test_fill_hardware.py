@@ -133,8 +133,8 @@ def test_no_fill_sensor_opens_nothing():
     ({"fill": {"sensor": "ultrasonic", "echo_pins": {"recyclable": 18, "kitchen": 25,
                                                       "hazardous": 26, "other": 27}}},
      "fill.echo_pins.recyclable = 18: GPIO 18 is already used by flap.pin"),
-    ({"fill": {"sensor": "ultrasonic", "echo_pins": {"recyclable": 22}}},
-     "fill.echo_pins has no pin for kitchen"),
+    ({"fill": {"sensor": "ultrasonic", "echo_pins": {"recyclable": 27}}},
+     "fill.echo_pins.other = 27: GPIO 27 is already used by fill.echo_pins.recyclable"),
     ({"fill": {"sensor": "vl53l0x", "i2c_addresses": {"recyclable": 0x30, "kitchen": 0x78,
                                                        "hazardous": 0x32, "other": 0x33}}},
      "fill.i2c_addresses.kitchen = 120 (0x78): out of range"),
@@ -154,3 +154,9 @@ def test_bad_fill_config_is_one_line(raw, message):
         config_from_dict(raw)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_table_naming_some_compartments_keeps_the_defaults_of_the_others():
+    fill = fill_config(capacity_l={"kitchen": 2}, echo_pins={"other": 21}, sensor="ultrasonic")
+    assert fill.capacity_l == {"recyclable": 40, "kitchen": 2, "hazardous": 10, "other": 40}
+    assert fill.echo_pins["other"] == 21 and fill.echo_pins["recyclable"] == 22
