@@ -609,7 +609,8 @@ def _complete_fill_tables(cfg: Config) -> Config:
     """A [fill] table that names some compartments keeps the defaults for the others, so
     `capacity_l = { kitchen = 20 }` sets the kitchen's alone."""
     defaults = FillSection()
-    given = {key: {**getattr(defaults, key), **getattr(cfg.fill, key)} for key in FILL_TABLES}
+    given: dict[str, Any] = {key: {**getattr(defaults, key), **getattr(cfg.fill, key)}
+                             for key in FILL_TABLES}
     return replace(cfg, fill=replace(cfg.fill, **given))
 
 
