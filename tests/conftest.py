@@ -65,3 +65,22 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SMARTBIN_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.setenv("SMARTBIN_OFFLINE", "1")
     monkeypatch.delenv("SMARTBIN_BACKBONE", raising=False)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A real mosquitto on a free port, for one test."""
+    from tests.broker import Broker
+
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="session")
+def demo():
+    """The shipped demo bundle's classifier (tests that only read it share one)."""
+    from bin_controller.vision.classifier import Classifier
+
+    return Classifier("demo")

@@ -11,23 +11,9 @@ from hypothesis import strategies as st
 
 from bin_controller.bins import BINS
 from bin_controller.config import config_from_dict
-from bin_controller.vision.classifier import Classifier
 from hardware_sim.simulate import Simulation, sim_config
 from hardware_sim.sources import GeneratedSource
-from tests.broker import Broker, Listener, request
-
-
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path)
-    b.start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return Classifier("demo")
+from tests.broker import Listener, request
 
 
 def mqtt_cfg(port: int, bin_id: str = "t1", **extra):

@@ -15,10 +15,9 @@ import pytest
 from bin_controller.bins import BINS
 from bin_controller.config import config_from_dict
 from bin_controller.payloads import FILL_FIELDS
-from bin_controller.vision.classifier import Classifier
 from hardware_sim.simulate import Simulation, sim_config
 from hardware_sim.sources import GeneratedSource
-from tests.broker import Broker, Listener
+from tests.broker import Listener
 from tests.test_mqtt_photos import Requester
 
 BASE = "smartbin/t1"
@@ -27,17 +26,6 @@ EMPTIED = f"{BASE}/emptied"
 MAX_ITEMS = len(BINS) + 1  # by then two items share a compartment
 
 
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return Classifier("demo")
 
 
 def fill_cfg(port: int, state: Path):

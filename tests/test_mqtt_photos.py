@@ -21,27 +21,15 @@ from bin_controller.config import config_from_dict
 from bin_controller.mqtt.retained import LOGGING_GRACE_S, POLL_S
 from bin_controller.photolog import comment_seq
 from bin_controller.sitelog import SITELOG_NAME, SiteLog
-from bin_controller.vision.classifier import Classifier
 from hardware_sim.simulate import Simulation, sim_config
 from hardware_sim.sources import GeneratedSource
-from tests.broker import Broker, Listener
+from tests.broker import Listener
 from tests.conftest import REPO
 
 BASE = "smartbin/t1"
 THUMBNAIL_PX = 64  # below the simulated camera's 128 px: the thumbnail is a downscale
 
 
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return Classifier("demo")
 
 
 def photo_cfg(port: int, state: Path):

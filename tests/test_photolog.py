@@ -26,7 +26,6 @@ from bin_controller.config import PhotosSection, config_from_dict
 from bin_controller.domain import SortEvent
 from bin_controller.photolog import MB, PhotoLog, comment_seq
 from bin_controller.sitelog import ACCEPTED, DATASET, ORDINARY, WAITING, Review, SiteLog
-from bin_controller.vision.classifier import Classifier
 from hardware_sim import items as kinds
 from hardware_sim.mechanics import SimItem
 from hardware_sim.simulate import Faults, Simulation, sim_config
@@ -34,10 +33,6 @@ from tests.test_review_cli import APPLE, BOTTLE, CAN, UnsureOfBottles
 
 DAY = 86400.0
 
-
-@pytest.fixture(scope="module")
-def demo() -> Classifier:
-    return Classifier("demo")
 
 
 # ------------------------------------------------------------------ helpers
