@@ -50,6 +50,9 @@ ESTIMATE_MARGIN = 0.3
 # A reading this soon after an item landed is not used: the heap still settles, and the
 # sensor's own average still holds pings from before the item.
 SETTLE_S = 0.5
+# A sensor may give nothing this long after the tracker starts (no echo averaged yet)
+# before that is its fault.
+WARMUP_S = 3.0
 
 
 class FillSensor(Protocol):
@@ -114,6 +117,7 @@ class FillTracker:
             b: deque(maxlen=cfg.smoothing) for b in self.sensors}
         self._trend = {b: _Trend() for b in BINS}
         self._last_item = dict.fromkeys(BINS, float("-inf"))  # monotonic time
+        self._born = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.bins, fresh = self._load()
@@ -262,7 +266,10 @@ class FillTracker:
         fault: str | None = None
         with self._lock:
             c = self.bins[bin_name]
-            if time.monotonic() - self._last_item[bin_name] < SETTLE_S:
+            now = time.monotonic()
+            if now - self._last_item[bin_name] < SETTLE_S:
+                return
+            if distance is None and now - self._born < WARMUP_S:
                 return
             if distance is None:
                 fault = "gives no reading"
