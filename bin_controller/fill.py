@@ -42,6 +42,17 @@ OK, WARN, FULL = "ok", "warn", "full"
 HISTORY = 500
 # The fill rate is taken over at most this much of the recent history.
 RATE_WINDOW_S = 6 * 3600.0
+# Items differ from their label's typical volume (a crushed can, a whole box) by up to about
+# this share. Until a sensor reading says how much they really took, an item counts this
+# much larger: the estimate errs on the full side, so that a compartment it calls not full
+# is not full in fact (with no sensor it is called full early instead).
+ESTIMATE_MARGIN = 0.3
+# A reading this soon after an item landed is not used: the heap still settles, and the
+# sensor's own average still holds pings from before the item.
+SETTLE_S = 0.5
+# A sensor may give nothing this long after the tracker starts (no echo averaged yet)
+# before that is its fault.
+WARMUP_S = 3.0
 
 
 class FillSensor(Protocol):
@@ -67,6 +78,7 @@ class Compartment:
     sensor_fault: bool = False
     sensor_pct: float | None = None  # the smoothed reading, when there is a sensor
     added_since_reading_l: float = 0.0  # volume sorted in since the last good reading
+    margin_l: float = 0.0  # of estimate_l: the ESTIMATE_MARGIN of the items since then
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,8 @@ class FillTracker:
         self._readings: dict[str, deque[float]] = {
             b: deque(maxlen=cfg.smoothing) for b in self.sensors}
         self._trend = {b: _Trend() for b in BINS}
+        self._last_item = dict.fromkeys(BINS, float("-inf"))  # monotonic time
+        self._born = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.bins, fresh = self._load()
@@ -167,9 +181,15 @@ class FillTracker:
         with self._lock:
             c = self.bins[event.bin]
             size = self.volume(event)
-            c.estimate_l += size
+            c.estimate_l += size * (1 + ESTIMATE_MARGIN)
+            c.margin_l += size * ESTIMATE_MARGIN
             c.added_since_reading_l += size
             c.items += 1
+            self._last_item[event.bin] = time.monotonic()
+            if event.bin in self._readings:
+                # Readings from before the item describe a level without it: a median over
+                # them would pull the level back down below what is in there now.
+                self._readings[event.bin].clear()
             changed = self._update_state(event.bin)
             self._save()
         self._notify(changed)
@@ -210,6 +230,7 @@ class FillTracker:
             event = Emptied(bin_name, time.time(), round(self.pct(bin_name), 1), c.items, source)
             c.estimate_l = 0.0
             c.added_since_reading_l = 0.0
+            c.margin_l = 0.0
             c.items = 0
             c.emptied_at = event.time
             c.emptied_events += 1
@@ -245,6 +266,11 @@ class FillTracker:
         fault: str | None = None
         with self._lock:
             c = self.bins[bin_name]
+            now = time.monotonic()
+            if now - self._last_item[bin_name] < SETTLE_S:
+                return
+            if distance is None and now - self._born < WARMUP_S:
+                return
             if distance is None:
                 fault = "gives no reading"
             else:
@@ -255,13 +281,16 @@ class FillTracker:
                 smoothed = statistics.median(window)
                 c.sensor_pct = round(smoothed, 1)
                 estimate = self.pct(bin_name)
+                # What the items make of the last good reading, without the margin: an
+                # emptying is a drop from there (the margin alone must not look like one).
+                expected = 100.0 * (c.estimate_l - c.margin_l) / cfg.capacity_l[bin_name]
                 if bin_name in self._adopt:
                     self._adopt.discard(bin_name)
                     self._anchor(c, bin_name, smoothed)
                 elif smoothed - estimate > cfg.fault_gap_pct:
                     fault = (f"reads {smoothed:.0f} % full but only {estimate:.0f} % is "
                              "accounted for by the items sorted: something covers the sensor")
-                elif estimate - smoothed >= cfg.emptied_drop_pct:
+                elif expected - smoothed >= cfg.emptied_drop_pct:
                     emptied = True
                 else:
                     self._anchor(c, bin_name, smoothed)
@@ -285,6 +314,7 @@ class FillTracker:
     def _anchor(self, c: Compartment, bin_name: str, pct: float) -> None:
         c.estimate_l = pct / 100.0 * self.cfg.capacity_l[bin_name]
         c.added_since_reading_l = 0.0
+        c.margin_l = 0.0
 
     def _anchor_locked(self, bin_name: str) -> None:
         """After an emptying the sensor saw: the level is what it reads now."""

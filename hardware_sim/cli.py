@@ -10,15 +10,16 @@ import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bin_controller.bins import BINS
 from bin_controller.cli import MAX_SEED, name_or_path, number, path_arg, quote, whole
 from bin_controller.config import load_config, merge
 from bin_controller.errors import SmartbinError
+from bin_controller.fill import Emptied
 from bin_controller.overrides import cli_overrides
 from hardware_sim.mechanics import SimItem
-from hardware_sim.simulate import Faults, Simulation, sim_config
+from hardware_sim.simulate import EMPTY_AFTER_S, Faults, Simulation, sim_config
 from hardware_sim.sources import FolderSource, GeneratedSource
 
 if TYPE_CHECKING:
@@ -67,6 +68,72 @@ def item_pairs(what: str, parse_value: Callable[[str], float], default: float,
     return parse
 
 
+def cover_arg(text: str) -> dict[int, str]:
+    """An argparse type: BIN:ITEM,... (whose fill sensor a sheet covers from which item)."""
+    parse_item = whole(1)
+    out: dict[int, str] = {}
+    try:
+        for part in text.split(","):
+            if part.strip():
+                b, colon, n = part.partition(":")
+                if not colon or b.strip() not in BINS:
+                    raise argparse.ArgumentTypeError(text)
+                out[parse_item(n)] = b.strip()
+    except argparse.ArgumentTypeError:
+        out = {}
+    if not out:
+        raise argparse.ArgumentTypeError(
+            f"expected BIN:ITEM such as kitchen:5 (bins {', '.join(BINS)}; item 1 or more), "
+            f"not {quote(text)}")
+    return out
+
+
+def fill_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """--capacity-l, --fill-sensor and --when-full over the config's [fill]."""
+    fill: dict[str, Any] = {}
+    if args.capacity_l is not None:
+        fill["capacity_l"] = dict.fromkeys(BINS, args.capacity_l)
+    if args.fill_sensor is not None:
+        fill["sensor"] = args.fill_sensor
+    if args.when_full is not None:
+        fill["when_full"] = args.when_full
+    return {"fill": fill} if fill else {}
+
+
+class FillLines:
+    """Prints the fill levels as the run goes: a line when a level has moved 10 points (or
+    changed state) since the last one, and one per emptying."""
+
+    STEP = 10.0
+
+    def __init__(self, simulation: Simulation) -> None:
+        self.simulation = simulation
+        self.shown: dict[str, tuple[float, str]] = {}
+        simulation.on_emptied.append(self.emptied)
+
+    def after_item(self) -> None:
+        fill = self.simulation.fill
+        if fill is None:
+            return
+        levels = fill.snapshot()
+        now = {b: (levels[b]["pct"], levels[b]["state"]) for b in BINS}
+        if self.shown and all(abs(now[b][0] - self.shown[b][0]) < self.STEP
+                              and now[b][1] == self.shown[b][1] for b in BINS):
+            return
+        self.shown = now
+        parts = []
+        for b in BINS:
+            pct, state = now[b]
+            flag = "" if state == "ok" else f" {state.upper()}"
+            fault = " sensor fault" if levels[b]["sensor_fault"] else ""
+            parts.append(f"{b} {pct:3.0f}%{flag}{fault}")
+        print("      fill: " + ", ".join(parts), flush=True)
+
+    def emptied(self, event: Emptied) -> None:
+        print(f"      emptied {event.bin} ({event.source}): it was {event.pct_before:.0f} % "
+              f"full with {event.items} items", flush=True)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=path_arg, help="TOML configuration (default: built-in)")
     p.add_argument("--model", type=name_or_path,
@@ -105,6 +172,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="count database folder (default: a fresh temporary folder)")
     p.add_argument("--pace", type=number(0, 3600), default=0.0,
                    help="seconds between one item landing and the next drop")
+    p.add_argument("--capacity-l", type=number(0, 100000, above=True),
+                   help="litres of every compartment (fill.capacity_l; default: the config's)")
+    p.add_argument("--fill-sensor", choices=("none", "ultrasonic"),
+                   help="fill.sensor: none (estimate from the items) or ultrasonic "
+                        "(default: the config's)")
+    p.add_argument("--when-full", choices=("fallback_bin", "pause", "hold"),
+                   help="fill.when_full: what happens to an item for a full compartment")
+    p.add_argument("--cover-sensor", type=cover_arg, default={}, metavar="BIN:ITEM",
+                   help="a sheet covers BIN's fill sensor from item ITEM on (lifted by the "
+                        "operator once the bin reports it)")
+    p.add_argument("--empty-after", type=number(0, 3600), metavar="SECONDS",
+                   help="the operator empties a full compartment this long after the alert "
+                        f"(default {EMPTY_AFTER_S:g} s, 0 with --fast)")
     p.add_argument("--drain-s", type=number(0, 3600), default=30.0,
                    help="at the end, wait up to this long for the broker to take every event")
 
@@ -114,7 +194,8 @@ def _check_item_numbers(args: argparse.Namespace) -> None:
     for option, numbers in (("--jam", args.jam), ("--camera-fail", args.camera_fail),
                             ("--slow", args.slow), ("--double-drop", args.double_drop),
                             ("--classifier-fail", args.classifier_fail),
-                            ("--disk-full-at", args.disk_full_at)):
+                            ("--disk-full-at", args.disk_full_at),
+                            ("--cover-sensor", args.cover_sensor)):
         beyond = sorted(n for n in numbers if n > args.items)
         if beyond:
             raise SmartbinError(f"{option}: item {beyond[0]} is past the last item "
@@ -150,12 +231,13 @@ def run(args: argparse.Namespace) -> int:
         double_drop=set(args.double_drop),
         classifier_fail={k: int(v) for k, v in args.classifier_fail.items()},
         disk_full={k: int(v) for k, v in args.disk_full_at.items()},
+        cover_sensor=dict(args.cover_sensor),
     )
-    on_item = None if args.quiet else (lambda item: print(_line(item), flush=True))
     with ExitStack() as stack:
         state_dir = args.state_dir or Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="smartbin-sim-")))
-        overrides = merge(cli_overrides(args), {"bin": {"state_dir": str(state_dir)}})
+        overrides = merge(merge(cli_overrides(args), {"bin": {"state_dir": str(state_dir)}}),
+                          fill_overrides(args))
         cfg = load_config(args.config, overrides)
         if faults.jam:
             # The operator clears a jam after half a second: do not wait the bin's 4 s,
@@ -173,7 +255,17 @@ def run(args: argparse.Namespace) -> int:
         else:
             source = GeneratedSource(args.seed)
         items = source.items(args.items)
-        simulation = stack.enter_context(Simulation(cfg))
+        if faults.cover_sensor and cfg.fill.sensor == "none":
+            raise SmartbinError("--cover-sensor: there is no fill sensor to cover; add "
+                                "--fill-sensor ultrasonic")
+        simulation = stack.enter_context(Simulation(cfg, empty_after_s=args.empty_after))
+        on_item = None
+        if not args.quiet:
+            lines = FillLines(simulation)
+
+            def on_item(item: SimItem) -> None:
+                print(_line(item), flush=True)
+                lines.after_item()
         smartbin = simulation.bin
         assert smartbin.store is not None  # no recorder given: the SQLite store
         model = cfg.model.bundle
@@ -201,6 +293,12 @@ def run(args: argparse.Namespace) -> int:
     if c["p50"] is not None:
         print(f"cycle p50 {c['p50']:.0f} ms, p95 {c['p95']:.0f} ms; "
               f"{report['seconds']:.1f} s in all")
+    fill = report.get("fill")
+    if fill:
+        print(f"fill ({fill['sensor']}, when full: {fill['when_full']}): " + ", ".join(
+            f"{b} {fill[b]['final_pct']:.0f}% (full {fill[b]['full_events']}x, emptied "
+            f"{fill[b]['emptied_events']}x, onto full {fill[b]['sorted_onto_full']})"
+            for b in BINS) + f"; sensor faults {fill['sensor_faults']}")
     if args.report:
         args.report.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n",
                                encoding="utf-8")

@@ -129,3 +129,16 @@ def sample(rng: np.random.Generator, n: int, size: int = FRAME) -> tuple[list[np
     kinds = rng.integers(0, len(KINDS), n)
     return [render(KINDS[k], rng, size) for k in kinds], [int(k) for k in kinds]
 
+
+
+# How much one item's size strays from its label's typical volume, either way.
+VOLUME_SPREAD = 0.3
+
+
+def item_volume(true_class: str, true_bin: str, label_volumes: dict[str, float],
+                bin_volumes: dict[str, float], rng: np.random.Generator) -> float:
+    """The litres an item takes in a compartment: its label's typical volume (the bundle's
+    `volume_l`), else the typical item of its true bin (`fill.item_volume_l`), times a
+    factor from 1 - VOLUME_SPREAD to 1 + VOLUME_SPREAD."""
+    typical = label_volumes.get(true_class) or float(bin_volumes[true_bin])
+    return typical * float(rng.uniform(1 - VOLUME_SPREAD, 1 + VOLUME_SPREAD))

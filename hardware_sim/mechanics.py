@@ -23,7 +23,8 @@ import numpy as np
 from gpiozero.pins.mock import MockFactory, MockPWMPin, MockTriggerPin
 
 from bin_controller.config import Config, SimulatorSection
-from hardware_sim.items import FRAME
+from hardware_sim.compartments import Compartments
+from hardware_sim.items import FRAME, item_volume
 
 SPEED_OF_SOUND = 343.0
 # State changes a mock pin remembers. gpiozero's keep every one (for its tests'
@@ -61,6 +62,7 @@ class SimItem:
     passed_unsorted: bool = False
     events: list[Any] = field(default_factory=list)
     uid: str = ""  # unique across runs (the world file outlives a controller)
+    volume_l: float | None = None  # litres it takes in a compartment; drawn when dropped
 
     def __post_init__(self) -> None:
         if not self.uid:
@@ -155,6 +157,9 @@ class SimBin:
                            self.timing.servo_deg_per_s, f.rest_angle)
         self.gate_open = True
         self._setup_sensor_pins()
+        self.compartments = Compartments(cfg, self.pin_factory)
+        # The running model's typical volume per label (Simulation fills it in).
+        self.label_volumes: dict[str, float] = {}
         flap_pin = self.pin_factory.pin(f.pin, pin_class=_ObservedPWMPin)
         flap_pin.observer = self._flap_changed
         if cfg.gate.enabled:
@@ -179,8 +184,10 @@ class SimBin:
             image = np.load(self.world / "items" / f"{entry['uid']}.npy")
             item = SimItem(entry["id"], entry["true_class"], entry["true_bin"], image,
                            label_en=entry["label_en"], uid=entry["uid"],
-                           jam=entry.get("jam", False))
+                           jam=entry.get("jam", False), volume_l=entry.get("volume_l"))
             self.platform.append(item)
+        if "compartments" in data:
+            self.compartments.restore(data["compartments"])
         self._update_sensor()
 
     def remember(self, item: SimItem) -> None:
@@ -194,8 +201,10 @@ class SimBin:
             return
         data = {
             "platform": [{"id": i.id, "uid": i.uid, "true_class": i.true_class,
-                          "true_bin": i.true_bin, "label_en": i.label_en, "jam": i.jam}
+                          "true_bin": i.true_bin, "label_en": i.label_en, "jam": i.jam,
+                          "volume_l": i.volume_l}
                          for i in self.platform],
+            "compartments": self.compartments.to_dict(),
             "landed": self.landed_before + [_landed_entry(i) for i in self.landed],
         }
         tmp = self.world / "world.json.tmp"
@@ -279,6 +288,7 @@ class SimBin:
 
     def drop(self, item: SimItem) -> None:
         """Let an item go at the top of the chute."""
+        self._size(item)
         self._after(self.timing.fall_s, lambda: self._reach_gate(item))
 
     def _reach_gate(self, item: SimItem) -> None:
@@ -346,6 +356,7 @@ class SimBin:
         item.compartment = min(angles, key=lambda b: abs(angles[b] - angle))
         item.image = np.empty((0, 0, 3), np.uint8)  # out of view for good: free the photo
         with self._lock:
+            self.compartments.land(item.compartment, self._size(item))
             self.landed.append(item)
             if item in self._sliding:
                 self._sliding.remove(item)
@@ -364,6 +375,34 @@ class SimBin:
             waiting, self.at_gate = (self.at_gate, []) if is_open else ([], self.at_gate)
         for item in waiting:
             self._after(self.timing.fall_s, lambda item=item: self._arrive(item))
+
+    def _size(self, item: SimItem) -> float:
+        """The item's volume, drawn once from the seed and the item's number."""
+        if item.volume_l is None:
+            rng = np.random.default_rng([self.cfg.simulator.seed, item.id])
+            item.volume_l = item_volume(item.true_class, item.true_bin, self.label_volumes,
+                                        self.cfg.fill.item_volume_l, rng)
+        return item.volume_l
+
+    # ------------------------------------------------------------------ the operator's hands
+
+    def empty(self, bin_name: str) -> float:
+        """Take the bag out of a compartment: its fill drops to 0 (litres removed)."""
+        with self._lock:
+            removed = self.compartments.empty(bin_name)
+            self._save_world()
+        return removed
+
+    def cover_sensor(self, bin_name: str) -> None:
+        """A sheet of paper lands on the fill sensor above `bin_name`."""
+        with self._lock:
+            self.compartments.cover(bin_name)
+            self._save_world()
+
+    def uncover_sensor(self, bin_name: str) -> None:
+        with self._lock:
+            self.compartments.uncover(bin_name)
+            self._save_world()
 
     def clear_jam(self) -> list[SimItem]:
         """The operator reaches in and removes whatever is stuck on the flap."""

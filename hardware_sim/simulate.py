@@ -17,11 +17,13 @@ from bin_controller.bins import BINS
 from bin_controller.config import FAST_MECHANICS, Config, merge
 from bin_controller.domain import SortEvent, State
 from bin_controller.errors import ConfigError
+from bin_controller.fill import Emptied
 from bin_controller.memory_recorder import MemoryRecorder
 from bin_controller.parts import ImageClassifier, Recorder
 from bin_controller.sorter import SortingLoop
 from bin_controller.vision.bundle import Bundle
 from bin_controller.vision.classifier import Prediction
+from hardware_sim.emptier import Emptier
 from hardware_sim.mechanics import SimBin, SimCamera, SimItem
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ class Faults:
     jam_clear_s: float = 0.5  # how long before the operator clears a jam (after the fault)
     classifier_fail: dict[int, int] = field(default_factory=dict)  # item -> failed calls
     disk_full: dict[int, int] = field(default_factory=dict)  # from item -> for n items
+    cover_sensor: dict[int, str] = field(default_factory=dict)  # item -> compartment whose
+    # fill sensor a sheet covers from that item on (the operator lifts it once reported)
 
 
 class _SlowClassifier:
@@ -65,6 +69,12 @@ class _SlowClassifier:
         return self.inner.classify_array(frame)
 
 
+# Seconds between fill sensor readings in a fast simulation.
+FAST_FILL_INTERVAL_S = 0.05
+# The operator empties a full compartment this long after the alert (real-time mechanics).
+EMPTY_AFTER_S = 3.0
+
+
 def sim_config(cfg: Config, fast: bool = False, world: Path | None = None) -> Config:
     """`cfg` on the simulator: its camera and world on gpiozero's mock pins."""
     overrides: dict[str, Any] = {"camera": {"type": "simulated"},
@@ -73,6 +83,9 @@ def sim_config(cfg: Config, fast: bool = False, world: Path | None = None) -> Co
         overrides = merge(overrides, FAST_MECHANICS)
     if world is not None:
         overrides = merge(overrides, {"simulator": {"world_dir": str(world)}})
+    if fast and cfg.fill.interval_s > FAST_FILL_INTERVAL_S:
+        # Items come every few milliseconds: the fill sensors must keep up.
+        overrides = merge(overrides, {"fill": {"interval_s": FAST_FILL_INTERVAL_S}})
     return cfg.with_overrides(overrides)
 
 
@@ -83,6 +96,7 @@ class SimResult:
     loop: SortingLoop
     seconds: float
     timed_out: bool = False
+    fill: dict[str, Any] | None = None
 
     def report(self) -> dict[str, Any]:
         routed = dict.fromkeys(BINS, 0)
@@ -118,6 +132,7 @@ class SimResult:
             "decision_ms": _pcts(decisions),
             "seconds": round(self.seconds, 2),
             "timed_out": self.timed_out,
+            **({"fill": self.fill} if self.fill is not None else {}),
         }
 
 
@@ -133,7 +148,8 @@ class Simulation:
     who drops items on it one after another (as `drop`)."""
 
     def __init__(self, cfg: Config, *, classifier: ImageClassifier | None = None,
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None, empty_after_s: float | None = None,
+                 emptier: bool = True) -> None:
         if cfg.camera.type != "simulated":
             raise ConfigError("a simulation needs camera.type = 'simulated' (see sim_config)")
         self.classifier = _SlowClassifier(classifier or make_classifier(cfg.model))
@@ -152,14 +168,35 @@ class Simulation:
         self._thread = threading.Thread(target=self.loop.run, name="sorting-loop", daemon=True)
         self.started = time.monotonic()
         self._page_limit: int | None = None  # the database's own limit while the disk is full
+        self.world.label_volumes = {label.name: label.volume_l
+                                    for label in self.classifier.bundle.labels
+                                    if label.volume_l is not None}
+        self.fill = self.bin.fill  # None with a recorder other than the SQLite store
+        self.full_events = dict.fromkeys(BINS, 0)
+        self.emptied_events = dict.fromkeys(BINS, 0)
+        self.sensor_faults = dict.fromkeys(BINS, 0)
+        self.on_emptied: list[Callable[[Emptied], None]] = []
+        self.emptier: Emptier | None = None
+        if self.fill is not None:
+            self.fill.on_full.append(self._on_full)
+            self.fill.on_emptied.append(self._on_emptied)
+            self.fill.on_sensor_fault.append(self._on_sensor_fault)
+            if emptier:
+                if empty_after_s is None:
+                    empty_after_s = 0.0 if cfg.simulator.fast else EMPTY_AFTER_S
+                self.emptier = Emptier(self.world, self.fill, self.loop, empty_after_s)
 
     def __enter__(self) -> Simulation:
         self.bin.start()
         self.started = time.monotonic()
         self._thread.start()
+        if self.emptier is not None:
+            self.emptier.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.emptier is not None:
+            self.emptier.stop()
         self.loop.stop()
         self._thread.join(timeout=10)
         self.bin.close()
@@ -182,6 +219,44 @@ class Simulation:
         store.db.execute(f"PRAGMA max_page_count = {self._page_limit}")
         self._page_limit = None
         log.warning("simulated disk full: space is back")
+
+    def _on_full(self, bin_name: str, pct: float) -> None:
+        self.full_events[bin_name] += 1
+        self._notify()
+
+    def _on_emptied(self, event: Emptied) -> None:
+        self.emptied_events[event.bin] += 1
+        for cb in self.on_emptied:
+            cb(event)
+        self._notify()
+
+    def _on_sensor_fault(self, bin_name: str, detail: str) -> None:
+        self.sensor_faults[bin_name] += 1
+
+    def fill_report(self) -> dict[str, Any] | None:
+        """Per compartment: the bin's level at the end, its full alerts and emptyings in
+        this run, and the items that landed on a compartment already full (must be 0)."""
+        if self.fill is None:
+            return None
+        levels = self.fill.snapshot()
+        world = self.world.compartments
+        redirected = dict.fromkeys(BINS, 0)
+        for e in self.events:
+            if e.redirected_from:
+                redirected[e.redirected_from] += 1
+        return {
+            "sensor": self.fill.cfg.sensor, "when_full": self.fill.cfg.when_full,
+            "full_pct": self.fill.cfg.full_pct,
+            "sensor_faults": sum(self.sensor_faults.values()),
+            **{b: {
+                "final_pct": levels[b]["pct"], "state": levels[b]["state"],
+                "physical_pct": round(world.pct(b), 1),
+                "capacity_l": levels[b]["capacity_l"],
+                "full_events": self.full_events[b], "emptied_events": self.emptied_events[b],
+                "sorted_onto_full": world.sorted_onto_full[b],
+                "redirected_from": redirected[b], "sensor_faults": self.sensor_faults[b],
+            } for b in BINS},
+        }
 
     def _on_event(self, event: SortEvent) -> None:
         with self._changed:
@@ -225,6 +300,8 @@ class Simulation:
             self.camera.fail_next = faults.camera_fail.get(number, 0)
             self.classifier.delay_s = faults.slow_classifier_s.get(number, 0.0)
             self.classifier.fail_next = faults.classifier_fail.get(number, 0)
+            if number in faults.cover_sensor:
+                sim.cover_sensor(faults.cover_sensor[number])
             if number in faults.disk_full:
                 self.fill_disk()
             elif any(at + n == number for at, n in faults.disk_full.items()):
@@ -260,7 +337,7 @@ class Simulation:
         if faults.disk_full:
             self.free_disk()  # an episode running past the last item ends with the run
         return SimResult(items, list(self.events), loop, time.monotonic() - self.started,
-                         timed_out)
+                         timed_out, self.fill_report())
 
 
 def run_simulation(

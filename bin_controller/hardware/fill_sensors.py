@@ -33,7 +33,8 @@ class UltrasonicFill:
 
     def distance_m(self) -> float | None:
         value = self.device.distance
-        return None if value is None else float(value)
+        # gpiozero gives 0 before its first echo; an HC-SR04 sees nothing nearer than 2 cm.
+        return None if value is None or value <= 0 else float(value)
 
     def close(self) -> None:
         self.device.close()
