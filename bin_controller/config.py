@@ -252,6 +252,11 @@ class FillSection:
                                           "(the bin pauses with a fault until resumed), hold "
                                           "(it waits on the flap until emptied).",
                           choices=("fallback_bin", "pause", "hold"))
+    estimate_margin_pct: float = _opt(30.0, "Until a sensor reading says how much room they "
+                                            "really took, items count this much larger than "
+                                            "their typical volume: the estimate errs on the "
+                                            "full side (with no sensor, full comes early "
+                                            "rather than late).", min=0.0, max=200.0)
     fault_gap_pct: float = _opt(40.0, "A reading this far above the estimate (the last good "
                                       "reading plus the items sorted since) is a sensor fault "
                                       "(a sheet over the sensor), not a full compartment.",

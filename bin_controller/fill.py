@@ -42,11 +42,6 @@ OK, WARN, FULL = "ok", "warn", "full"
 HISTORY = 500
 # The fill rate is taken over at most this much of the recent history.
 RATE_WINDOW_S = 6 * 3600.0
-# Items differ from their label's typical volume (a crushed can, a whole box) by up to about
-# this share. Until a sensor reading says how much they really took, an item counts this
-# much larger: the estimate errs on the full side, so that a compartment it calls not full
-# is not full in fact (with no sensor it is called full early instead).
-ESTIMATE_MARGIN = 0.3
 # A reading this soon after an item landed is not used: the heap still settles, and the
 # sensor's own average still holds pings from before the item.
 SETTLE_S = 0.5
@@ -78,7 +73,7 @@ class Compartment:
     sensor_fault: bool = False
     sensor_pct: float | None = None  # the smoothed reading, when there is a sensor
     added_since_reading_l: float = 0.0  # volume sorted in since the last good reading
-    margin_l: float = 0.0  # of estimate_l: the ESTIMATE_MARGIN of the items since then
+    margin_l: float = 0.0  # of estimate_l: fill.estimate_margin_pct of the items since then
 
 
 @dataclass(frozen=True)
@@ -181,8 +176,11 @@ class FillTracker:
         with self._lock:
             c = self.bins[event.bin]
             size = self.volume(event)
-            c.estimate_l += size * (1 + ESTIMATE_MARGIN)
-            c.margin_l += size * ESTIMATE_MARGIN
+            # Items differ from their label's typical volume (a crushed can, a whole box):
+            # fill.estimate_margin_pct keeps a compartment called not full from being full.
+            margin = size * self.cfg.estimate_margin_pct / 100.0
+            c.estimate_l += size + margin
+            c.margin_l += margin
             c.added_since_reading_l += size
             c.items += 1
             self._last_item[event.bin] = time.monotonic()

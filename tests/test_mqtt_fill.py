@@ -32,7 +32,9 @@ def fill_cfg(port: int, state: Path):
     return sim_config(config_from_dict({
         "bin": {"id": "t1", "state_dir": str(state)},
         "fill": {"capacity_l": dict.fromkeys(BINS, 2.0),
-                 "item_volume_l": dict.fromkeys(BINS, 1.0)},
+                 "item_volume_l": dict.fromkeys(BINS, 1.0),
+                 # Items count as their typical volume: the levels go in steps of 50 %.
+                 "estimate_margin_pct": 0.0},
         "mqtt": {"enabled": True, "host": "127.0.0.1", "port": port,
                  "stats_interval_s": 60.0}}), fast=True)
 
@@ -42,7 +44,9 @@ class FillBin:
 
     def __init__(self, port: int, demo, state: Path) -> None:
         self.port = port
-        self.simulation = Simulation(fill_cfg(port, state), classifier=demo).__enter__()
+        # Nobody empties: the tests empty with cmd/emptied themselves.
+        self.simulation = Simulation(fill_cfg(port, state), classifier=demo,
+                                     emptier=False).__enter__()
         self.bin = self.simulation.bin
         self.fill, self.store, self.telemetry = self.bin.fill, self.bin.store, \
             self.bin.telemetry
