@@ -174,7 +174,8 @@ def test_fill_and_emptied_payload_bytes():
 
 def test_the_fill_payload_reads_the_trackers_snapshot(tmp_path):
     cfg = config_from_dict({"fill": {"capacity_l": {
-        "recyclable": 40.0, "kitchen": 2.0, "hazardous": 10.0, "other": 40.0}}}).fill
+        "recyclable": 40.0, "kitchen": 2.0, "hazardous": 10.0, "other": 40.0},
+        "estimate_margin_pct": 0.0}}).fill
     fill = FillTracker(cfg, tmp_path)
     for _ in range(3):
         fill.added(sample_event(bin="kitchen"))  # 0.3 l each
@@ -1352,7 +1353,8 @@ def fill_bin(tmp_path):
     from bin_controller.mqtt.fill_commands import make_fill_handlers
 
     cfg = config_from_dict({"fill": {"capacity_l": {
-        "recyclable": 40.0, "kitchen": 2.0, "hazardous": 10.0, "other": 40.0}}}).fill
+        "recyclable": 40.0, "kitchen": 2.0, "hazardous": 10.0, "other": 40.0},
+        "estimate_margin_pct": 0.0}}).fill
     tracker = FillTracker(cfg, tmp_path)
     emptied: list[Emptied] = []
     tracker.on_emptied.append(emptied.append)
