@@ -160,3 +160,59 @@ def test_a_table_naming_some_compartments_keeps_the_defaults_of_the_others():
     fill = fill_config(capacity_l={"kitchen": 2}, echo_pins={"other": 21}, sensor="ultrasonic")
     assert fill.capacity_l == {"recyclable": 40, "kitchen": 2, "hazardous": 10, "other": 40}
     assert fill.echo_pins["other"] == 21 and fill.echo_pins["recyclable"] == 22
+
+
+def _bundle_with_volumes(tmp_path, volumes):
+    import json
+    import shutil
+
+    from bin_controller.vision.bundle import SHIPPED_MODELS, write_manifest
+
+    folder = tmp_path / "demo-volumes"
+    shutil.copytree(SHIPPED_MODELS / "demo", folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for label in manifest["labels"]:
+        if label["name"] in volumes:
+            label["volume_l"] = volumes[label["name"]]
+    write_manifest(folder, manifest)
+    return folder
+
+
+def test_a_labels_volume_in_the_bundle_beats_the_bins_default(tmp_path):
+    from types import SimpleNamespace
+
+    from bin_controller.assembly import _wire_fill
+    from bin_controller.domain import SortEvent
+    from bin_controller.fill import FillTracker
+    from bin_controller.vision.bundle import load_bundle
+
+    bundle = load_bundle(_bundle_with_volumes(tmp_path, {"可回收物_纸板": 1.5}))
+    faults: list[tuple[str, str]] = []
+    loop = SimpleNamespace(classifier=SimpleNamespace(bundle=bundle),
+                           report_fault=lambda kind, detail: faults.append((kind, detail)))
+    cfg = config_from_dict({"fill": {"capacity_l": {"recyclable": 3.0},
+                                     "estimate_margin_pct": 0.0}}).fill
+    fill = FillTracker(cfg, tmp_path / "state")
+    _wire_fill(fill, loop)  # type: ignore[arg-type]
+
+    def item(label):
+        return SortEvent(time=0.0, bin="recyclable", label=label, label_en=None,
+                         confidence=0.9, uncertain=False, failed=False, forced=False,
+                         cycle_ms=0.0, decision_ms=0.0, model="demo", model_version="1")
+
+    fill.added(item("可回收物_纸板"))  # the bundle says 1.5 l
+    assert fill.pct("recyclable") == pytest.approx(50.0)
+    fill.added(item("可回收物_易拉罐"))  # no volume in the bundle: the bin's 0.5 l
+    assert fill.pct("recyclable") == pytest.approx(200 / 3)
+    fill.added(item("可回收物_纸板"))
+    assert fill.is_full("recyclable")
+    assert faults and faults[0][0] == "full"
+
+
+@pytest.mark.parametrize("volume", [0, -1, True, "big", 5000])
+def test_a_bad_label_volume_is_a_bundle_error(tmp_path, volume):
+    from bin_controller.errors import BundleError
+    from bin_controller.vision.bundle import load_bundle
+
+    with pytest.raises(BundleError, match="volume_l"):
+        load_bundle(_bundle_with_volumes(tmp_path, {"可回收物_纸板": volume}))
