@@ -26,6 +26,7 @@ from training.teach_method import (
     nearest_class_mean,
     nll,
     one_blas_thread,
+    reliability,
 )
 
 WIDTH = 48
@@ -147,7 +148,7 @@ def test_views_are_learnt_from_and_only_the_deploy_view_is_scored() -> None:
     # A view carrying nothing but noise would be chosen against if it were scored.
     noise = np.random.default_rng(0).random(feats["full"].shape).astype(np.float32)
     one = fit_few_shot({"full": feats["full"]}, y, 4)
-    both = fit_few_shot({"junk": noise, "full": feats["full"]}, y, 4)
+    both = fit_few_shot({"a_junk": noise, "full": feats["full"]}, y, 4)
     assert both.cv_scheme.endswith("2 view(s) each") and one.cv_scheme.endswith("1 view(s) each")
     assert both.cv_top1 == 1.0
     with pytest.raises(ValueError, match="deploy view"):
@@ -213,6 +214,16 @@ def test_base_labels_stay_and_new_ones_are_learnt(two_layers: bool, nonnegative:
 
 
 # --- calibration --------------------------------------------------------------------------
+
+
+def test_ece_adds_the_gaps_of_every_bin() -> None:
+    # Half the photos at confidence 0.6 and all right, half at 0.9 and half right: both
+    # bins are 0.4 off, in opposite directions, which must not cancel.
+    probs = np.array([[0.6, 0.4]] * 4 + [[0.9, 0.1]] * 4)
+    labels = np.array([0, 0, 0, 0, 0, 1, 0, 1])
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.4)
+    rows = reliability(probs, labels)
+    assert [(r["n"], r["accuracy"]) for r in rows] == [(4, 1.0), (4, 0.5)]
 
 
 def test_fit_temperature_undoes_overconfidence() -> None:

@@ -122,7 +122,10 @@ def few_shot_curve(features: Mapping[str, np.ndarray], labels: np.ndarray, *,
                      "bin_accuracy": float(np.mean([r[1] for r in rs])),
                      "ece": float(np.mean([r[2] for r in rs]))}
                  for s, rs in per.items()} for m, per in scores.items()}
+    # What always answering the commonest bin would score: the floor for bin accuracy.
+    majority = float(np.bincount(bins[y]).max() / len(y))
     return {"curve": curve, "teach": teach_log, "n_photos": len(y), "draws": draws,
+            "majority_bin_accuracy": majority,
             "shots": list(shots), "teach_views": list(teach_views), "deploy_view": deploy_view}
 
 
@@ -145,7 +148,8 @@ def markdown(result: dict[str, Any]) -> str:
                  + " | ".join(f"{curve['teach'][s]['ece']:.3f}" for s in shots) + " |")
     lines += ["", f"Top-1 / bin accuracy on the held-out photos ({result['deploy_view']} "
               f"view), mean of {result['draws']} draws over {result['n_photos']} photos; the "
-              "same draws for every method."]
+              "same draws for every method. Always answering the commonest bin would score "
+              f"{result['majority_bin_accuracy']:.1%} bin accuracy."]
     return "\n".join(lines)
 
 
