@@ -1,0 +1,299 @@
+"""The few-shot teach method, its baselines, calibration and the bench, on synthetic features.
+
+Features are made like the backbone's: nonnegative (after a ReLU) unless a test needs
+negative ones, one cluster per class, and each photo's views close to each other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.head import Dense, forward, softmax, train_head
+from training.teach_bench import few_shot_curve, markdown
+from training.teach_method import (
+    DEFAULT_PULL,
+    DEFAULT_SCALE,
+    PULLS,
+    TeachSettings,
+    expected_calibration_error,
+    fit_few_shot,
+    fit_temperature,
+    imprint,
+    l2_normalize,
+    lbfgs,
+    logistic_regression,
+    nearest_class_mean,
+    nll,
+    one_blas_thread,
+    reliability,
+)
+
+WIDTH = 48
+VIEWS = ("full", "full_flip", "center")
+
+
+def make_world(n_classes: int, *, spread: float = 0.6, seed: int = 0,
+               nonnegative: bool = True) -> np.ndarray:
+    """Class centres: random, well apart relative to the photo noise of `spread`."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0.0, 1.0, (n_classes, WIDTH)) * 2.0
+    return np.abs(centres) + 1.0 if nonnegative else centres
+
+
+def photos(centres: np.ndarray, per_class: int | list[int], *, spread: float = 0.6,
+           seed: int = 1, nonnegative: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Features per view of `per_class` photos of each class, and their labels."""
+    rng = np.random.default_rng(seed)
+    counts = per_class if isinstance(per_class, list) else [per_class] * len(centres)
+    labels = np.concatenate([[c] * n for c, n in enumerate(counts)]).astype(int)
+    base = centres[labels] + rng.normal(0.0, spread, (len(labels), WIDTH))
+    views = {v: base + rng.normal(0.0, 0.1 * spread, base.shape) for v in VIEWS}
+    if nonnegative:
+        views = {v: np.maximum(f, 0.0) for v, f in views.items()}
+    return {v: f.astype(np.float32) for v, f in views.items()}, labels
+
+
+def accuracy(layers: list[Dense], x: np.ndarray, y: np.ndarray) -> float:
+    return float((forward(layers, x)[-1].argmax(1) == y).mean())
+
+
+# --- imprinting and the baselines -----------------------------------------------------
+
+
+def test_imprint_is_the_normalised_mean_of_normalised_embeddings() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(9, 5))
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    w = imprint(z, y, 4)
+    for c in range(3):
+        mean = (z[y == c] / np.linalg.norm(z[y == c], axis=1, keepdims=True)).mean(0)
+        np.testing.assert_allclose(w[c], mean / np.linalg.norm(mean), atol=1e-12)
+    np.testing.assert_array_equal(w[3], 0.0)  # a class without photos has no direction
+
+
+def test_imprinting_ignores_photo_brightness() -> None:
+    # A photo twice as bright (features scaled) must not weigh twice as much.
+    z = np.array([[1.0, 0.0], [0.0, 1.0]])
+    scaled = z * np.array([[10.0], [1.0]])
+    np.testing.assert_allclose(imprint(scaled, np.array([0, 0]), 1),
+                               imprint(z, np.array([0, 0]), 1))
+
+
+def test_nearest_class_mean_is_cosine_to_the_imprint() -> None:
+    centres = make_world(4)
+    feats, y = photos(centres, 3)
+    head = nearest_class_mean(feats["full"], y, 4)
+    test, _ = photos(centres, 20, seed=7)
+    cosine = l2_normalize(test["full"]) @ imprint(feats["full"], y, 4).T
+    np.testing.assert_array_equal(forward(head, test["full"])[-1].argmax(1), cosine.argmax(1))
+
+
+def test_logistic_regression_fits_clusters() -> None:
+    centres = make_world(5)
+    feats, y = photos(centres, 4)
+    test, y_test = photos(centres, 30, seed=3)
+    assert accuracy(logistic_regression(feats["full"], y, 5), test["full"], y_test) > 0.95
+
+
+def test_lbfgs_finds_a_quadratic_minimum() -> None:
+    a = np.diag([1.0, 10.0, 100.0])
+    b = np.array([1.0, -2.0, 3.0])
+    x = lbfgs(lambda v: (0.5 * v @ a @ v - b @ v, a @ v - b), np.zeros(3))
+    np.testing.assert_allclose(x, np.linalg.solve(a, b), rtol=1e-5)
+
+
+# --- the teach method -------------------------------------------------------------------
+
+
+def test_teach_separates_well_separated_clusters() -> None:
+    centres = make_world(8)
+    feats, y = photos(centres, 5)
+    result = fit_few_shot(feats, y, 8)
+    test, y_test = photos(centres, 40, seed=9)
+    assert accuracy(result.layers, test["full"], y_test) > 0.97
+    assert result.settings.pull in PULLS and result.calibrated
+    assert result.cv_scheme.startswith("5-fold")
+    assert len(result.cv) == len(PULLS) and all(r["n"] == len(y) for r in result.cv)
+
+
+def test_one_photo_per_class_uses_the_defaults_and_still_learns() -> None:
+    centres = make_world(6)
+    feats, y = photos(centres, 1)
+    result = fit_few_shot(feats, y, 6)
+    assert (result.settings.scale, result.settings.pull) == (DEFAULT_SCALE, DEFAULT_PULL)
+    assert not result.calibrated and result.temperature == 1.0 and not result.cv
+    test, y_test = photos(centres, 40, seed=5)
+    assert accuracy(result.layers, test["full"], y_test) > 0.9
+
+
+def test_cross_validation_copes_with_classes_of_one_photo() -> None:
+    # Two classes have a single photo: their held-out fold cannot be scored, the others can.
+    centres = make_world(5)
+    counts = [1, 3, 1, 4, 2]
+    feats, y = photos(centres, counts)
+    result = fit_few_shot(feats, y, 5, seed=3)
+    assert result.calibrated and result.cv_scheme.startswith("4-fold")
+    assert all(r["n"] == sum(c for c in counts if c > 1) for r in result.cv)
+    test, y_test = photos(centres, 30, seed=4)
+    assert accuracy(result.layers, test["full"], y_test) > 0.9
+    # ... including the single-photo classes, which are in the final fit.
+    for c in (0, 2):
+        assert accuracy(result.layers, test["full"][y_test == c], y_test[y_test == c]) > 0.8
+
+
+def test_views_are_learnt_from_and_only_the_deploy_view_is_scored() -> None:
+    centres = make_world(4)
+    feats, y = photos(centres, 3)
+    # A view carrying nothing but noise would be chosen against if it were scored.
+    noise = np.random.default_rng(0).random(feats["full"].shape).astype(np.float32)
+    one = fit_few_shot({"full": feats["full"]}, y, 4)
+    both = fit_few_shot({"a_junk": noise, "full": feats["full"]}, y, 4)
+    assert both.cv_scheme.endswith("2 view(s) each") and one.cv_scheme.endswith("1 view(s) each")
+    assert both.cv_top1 == 1.0
+    with pytest.raises(ValueError, match="deploy view"):
+        fit_few_shot({"center": feats["center"]}, y, 4)
+
+
+def test_the_fit_beats_imprinting_where_a_mean_is_misleading() -> None:
+    # Two classes whose means are close, told apart by one feature along which photos of
+    # each class vary a lot in a shared nuisance direction: the fit must find the feature.
+    rng = np.random.default_rng(2)
+    n = 12
+    y = np.repeat([0, 1], n)
+    x = np.zeros((2 * n, WIDTH))
+    x[:, 0] = np.where(y == 0, 1.0, -1.0) * 0.3  # the telling feature
+    x[:, 1] = rng.normal(0, 5.0, 2 * n)  # nuisance, large
+    x[:, 2:] = rng.normal(0, 0.05, (2 * n, WIDTH - 2))
+    x_test = x.copy()
+    x_test[:, 1] = rng.normal(0, 5.0, 2 * n)
+    feats = {"full": x.astype(np.float32)}
+    taught = fit_few_shot(feats, y, 2)
+    ncm = nearest_class_mean(feats["full"], y, 2)
+    assert accuracy(taught.layers, x_test, y) > accuracy(ncm, x_test, y) + 0.2
+
+
+def test_bad_input_is_refused() -> None:
+    feats, y = photos(make_world(3), 2)
+    with pytest.raises(ValueError, match="no photos"):
+        fit_few_shot(feats, y, 4)
+    with pytest.raises(ValueError, match="labels for"):
+        fit_few_shot(feats, y[:-1], 3)
+
+
+# --- a base head --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("two_layers", [False, True])
+@pytest.mark.parametrize("nonnegative", [True, False])
+def test_base_labels_stay_and_new_ones_are_learnt(two_layers: bool, nonnegative: bool) -> None:
+    centres = make_world(6, nonnegative=nonnegative, seed=4)
+    old, y_old = photos(centres[:4], 15, seed=2, nonnegative=nonnegative)
+    if two_layers:
+        base = train_head(old["full"], y_old, 4, hidden=16, dropout=0.0, lr=1e-2, epochs=40,
+                          seed=0).layers
+    else:
+        base = logistic_regression(old["full"], y_old, 4)
+    # Photos of the two new labels only (labels 4 and 5 of the taught head).
+    new, y_new = photos(centres[4:], 3, seed=6, nonnegative=nonnegative)
+    result = fit_few_shot(new, y_new + 4, 6, base_head=base)
+    assert result.n_base == 4 and len(result.layers) == len(base)
+    assert result.settings.pull == max(PULLS) and "strongest pull" in result.cv_scheme
+    test, y_test = photos(centres, 30, seed=8, nonnegative=nonnegative)
+    x = test["full"]
+    logits = forward(result.layers, x)[-1]
+    base_logits = forward(base, x)[-1]
+    # The old labels' logits are the base's, only divided by the temperature ...
+    np.testing.assert_allclose(logits[:, :4] * result.temperature, base_logits,
+                               rtol=1e-4, atol=1e-3)
+    # ... old items are still sorted as before, and new ones go to their new labels.
+    is_old = y_test < 4
+    before = accuracy(base, x[is_old], y_test[is_old])
+    assert accuracy(result.layers, x[is_old], y_test[is_old]) >= before - 0.05
+    assert accuracy(result.layers, x[~is_old], y_test[~is_old]) > 0.9
+
+
+# --- calibration --------------------------------------------------------------------------
+
+
+def test_ece_adds_the_gaps_of_every_bin() -> None:
+    # Half the photos at confidence 0.6 and all right, half at 0.9 and half right: both
+    # bins are 0.4 off, in opposite directions, which must not cancel.
+    probs = np.array([[0.6, 0.4]] * 4 + [[0.9, 0.1]] * 4)
+    labels = np.array([0, 0, 0, 0, 0, 1, 0, 1])
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.4)
+    rows = reliability(probs, labels)
+    assert [(r["n"], r["accuracy"]) for r in rows] == [(4, 1.0), (4, 0.5)]
+
+
+def test_fit_temperature_undoes_overconfidence() -> None:
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0.0, 2.0, (4000, 5))
+    labels = np.array([rng.choice(5, p=p) for p in softmax(true_logits)])
+    overconfident = 3.0 * true_logits
+    t = fit_temperature(overconfident, labels)
+    assert 2.6 < t < 3.4
+    assert nll(overconfident / t, labels) < nll(overconfident, labels) - 0.3
+    assert fit_temperature(true_logits, labels) == pytest.approx(1.0, abs=0.15)
+
+
+def test_fit_temperature_stays_within_bounds() -> None:
+    logits = np.array([[5.0, 0.0], [0.0, 5.0]])
+    assert fit_temperature(logits, np.array([0, 1])) == 0.05  # always right: sharpen fully
+    assert fit_temperature(logits, np.array([1, 0])) == 20.0  # always wrong: flatten fully
+
+
+def test_ece_is_near_zero_when_calibrated_and_large_when_not() -> None:
+    rng = np.random.default_rng(1)
+    n = 20000
+    confidence = rng.uniform(0.5, 1.0, n)
+    correct = rng.random(n) < confidence
+    labels = np.where(correct, 0, 1)
+    probs = np.stack([confidence, 1.0 - confidence], 1)
+    assert expected_calibration_error(probs, labels) < 0.015
+    overconfident = np.stack([np.sqrt(confidence), 1.0 - np.sqrt(confidence)], 1)
+    assert expected_calibration_error(overconfident, labels) > 0.05
+
+
+def test_teach_calibration_tames_an_overconfident_fit() -> None:
+    # Overlapping clusters and a large logit scale: the fitted head is overconfident, and
+    # the temperature from the cross-validated logits must bring that back on new photos.
+    centres = make_world(5, seed=3)
+    feats, y = photos(centres, 12, spread=3.0, seed=1)
+    result = fit_few_shot(feats, y, 5, grid=[TeachSettings(60.0, 0.001)])
+    test, y_test = photos(centres, 400, spread=3.0, seed=2)
+    logits = forward(result.layers, test["full"])[-1]
+    calibrated, raw = softmax(logits), softmax(logits * result.temperature)
+    assert 0.3 < float((logits.argmax(1) == y_test).mean()) < 0.95  # confidence matters
+    assert result.temperature > 2.0
+    assert expected_calibration_error(calibrated, y_test) < 0.08
+    assert expected_calibration_error(raw, y_test) > 2 * expected_calibration_error(
+        calibrated, y_test)
+
+
+def test_one_blas_thread_restores_the_setting() -> None:
+    from training.teach_method import _openblas_threads
+
+    functions = _openblas_threads()
+    with one_blas_thread():
+        inside = functions[1]() if functions else None
+    if functions is None:
+        pytest.skip("numpy does not use OpenBLAS here")
+    assert inside == 1
+
+
+# --- the bench --------------------------------------------------------------------------
+
+
+def test_few_shot_curve_compares_the_methods_on_the_same_draws() -> None:
+    centres = make_world(4, seed=5)
+    feats, y = photos(centres, 25, spread=1.5, seed=3)
+    out = few_shot_curve(feats, y, bin_of=[0, 0, 0, 3], shots=(1, 3), draws=2, seed=0,
+                         teach_views=("full", "full_flip"), ablations=True)
+    assert set(out["curve"]) == {"teach", "ncm", "logreg", "logreg_views"}
+    for per in out["curve"].values():
+        for shot in (1, 3):
+            assert 0.25 < per[shot]["top1"] <= 1.0 and 0.25 < per[shot]["bin_accuracy"] <= 1.0
+    assert len(out["teach"]) == 4
+    table = markdown(out)
+    assert "| nearest class mean (imprinting alone) |" in table and "3 photos/class" in table
