@@ -221,9 +221,14 @@ def _telemetry(cfg: Config, loop: SortingLoop, store: Store, photos: PhotoLog | 
         assert telemetry is not None  # commands run only once telemetry has started
         return telemetry.publish_reply(suffix, payload)
 
+    def model_changed() -> None:
+        if telemetry is not None:
+            telemetry.publish_state()
+
     handlers = make_handlers(
         cfg, loop, store, counts_changed,
-        load_classifier=lambda ref: make_classifier(cfg.model, bundle=ref))
+        load_classifier=lambda ref: make_classifier(cfg.model, bundle=ref),
+        on_model_changed=model_changed)
     if photos is not None:
         # The labels of the model running now: a reload_model changes what a review knows.
         reviews = Reviews(photos.sitelog, photos.folder,

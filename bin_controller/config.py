@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 from bin_controller.bins import BINS
 from bin_controller.errors import ConfigError
@@ -61,7 +62,9 @@ def _default_state_dir() -> str:
 @dataclass(frozen=True)
 class BinSection:
     id: str = _opt(None, "Bin id used in MQTT topics and logs: one topic level (no '/', "
-                         "'+', '#' or spaces); defaults to the host name.", factory=_hostname)
+                         "'+', '#' or spaces); defaults to the host name. Home Assistant "
+                         "gets a safe id made from it (letters, digits, '_').",
+                   factory=_hostname)
     state_dir: str = _opt(None, "Folder for the count database; defaults to $STATE_DIRECTORY "
                                 "or ~/.local/state/smartbin.", factory=_default_state_dir,
                           path=True)
@@ -284,6 +287,9 @@ class MqttSection:
     discovery_prefix: str = _opt("homeassistant", "Home Assistant discovery prefix.")
     stats_interval_s: float = _opt(60.0, "Seconds between stats messages.", min=1.0,
                                    max=3600.0)
+    dashboard_url: str = _opt("", "Web address of the bin's dashboard (http:// or https://), "
+                                  "shown as the device's configuration URL in Home Assistant; "
+                                  "empty: none.")
 
 
 @dataclass(frozen=True)
@@ -562,6 +568,23 @@ def _check_mqtt(mqtt: MqttSection) -> None:
                               "wildcards or leading/trailing '/'")
     if mqtt.tls and bool(mqtt.cert_file) != bool(mqtt.key_file):
         raise ConfigError("mqtt.cert_file and mqtt.key_file go together")
+    _check_dashboard_url(mqtt.dashboard_url)
+
+
+def _check_dashboard_url(url: str) -> None:
+    # Home Assistant refuses a whole discovery config whose configuration_url is not a URL.
+    if not url:
+        return
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        _ = parts.port  # a port that is not a number raises
+    except ValueError:
+        host = None
+    if (not host or parts.scheme not in ("http", "https")
+            or any(ch.isspace() or not ch.isprintable() for ch in url)):
+        raise ConfigError(f"mqtt.dashboard_url = {_show(url)}: must be an http:// or https:// "
+                          "address with a host, e.g. \"http://bin.local:8080/\", or empty")
 
 
 def _check_pins(cfg: Config) -> None:

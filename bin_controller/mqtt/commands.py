@@ -146,9 +146,12 @@ def _names(folder: Path) -> list[str]:
 
 def make_handlers(cfg: Config, loop: LoopControl, store: CountsReset,
                   on_counts_changed: Callable[[], None] = lambda: None, *,
-                  load_classifier: Callable[[str], ImageClassifier]) -> dict[str, Handler]:
+                  load_classifier: Callable[[str], ImageClassifier],
+                  on_model_changed: Callable[[], None] = lambda: None) -> dict[str, Handler]:
     """Command name -> handler, bound to one bin. `load_classifier` builds and checks a
-    bundle's classifier (the composition root's, so a reload is built like the first)."""
+    bundle's classifier (the composition root's, so a reload is built like the first);
+    `on_model_changed` is called after a reload swapped the model in (the retained state
+    names the model)."""
 
     def pause(args: JsonObject) -> JsonObject:
         check_fields(args)
@@ -197,6 +200,10 @@ def make_handlers(cfg: Config, loop: LoopControl, store: CountsReset,
             old = loop.replace_classifier(new)
         except RuntimeError as exc:  # the loop did not take it between items in time
             raise BusyError(str(exc)) from exc
+        try:  # the model is in: its reply must say so, whatever telling others costs
+            on_model_changed()
+        except Exception:
+            log.exception("after reload_model: publishing the new model failed")
         return {"model": new.bundle.name, "version": new.bundle.version,
                 "previous": f"{old.bundle.name} {old.bundle.version}"}
 

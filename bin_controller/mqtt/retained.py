@@ -125,7 +125,10 @@ class RetainedState:
         self._version: int | None = None
         self._event_at = -math.inf  # when the last item was counted (monotonic)
         self._read_at = -math.inf  # when the contamination was last read
-        self._state = state_payload(State.IDLE, "", {})
+        # The loop's state and detail as last told; `state` is built from them and the
+        # status read at publish time, under one lock, so the retained one is the newest.
+        self._state_lock = threading.Lock()
+        self._state: tuple[State, str] = (State.IDLE, "")
         self._recent: deque[SortEvent] = deque(maxlen=RECENT_EVENTS)
         self._started = time.time()
         self._stop = threading.Event()
@@ -138,13 +141,16 @@ class RetainedState:
 
     def republish(self) -> None:
         self.conn.publish(f"{self.base}/{AVAILABILITY}", ONLINE, qos=1, retain=True)
-        self._publish(STATE, self._state)
+        self.publish_state()
         self.publish_counts(refresh=True)
         last = self.store.last_event()
         if last:
             self._publish(LAST, last_payload(last))
         self.publish_fill()
         self.publish_discovery()
+        # Once now, so a dashboard (and Home Assistant's diagnostic sensors, when it already
+        # listens) need not wait stats_interval_s for the first figures.
+        self.publish_stats()
 
     def publish_fill(self) -> None:
         """The fill levels as they are now (from any thread); nothing without a tracker."""
@@ -238,9 +244,22 @@ class RetainedState:
 
     def on_state(self, state: State, detail: str) -> None:
         # Kept even while offline: the next connect publishes the latest state.
-        self._state = state_payload(state, detail, self.status())
-        if self.conn.connected.is_set():
-            self._publish(STATE, self._state)
+        with self._state_lock:
+            self._state = (state, detail)
+            if self.conn.connected.is_set():
+                self._publish(STATE, self.state_payload())
+
+    def publish_state(self) -> None:
+        """The last state again with the status as it is now (every connect; a reload
+        changed the model, a fault the fault counts); only while connected."""
+        with self._state_lock:
+            if self.conn.connected.is_set():
+                self._publish(STATE, self.state_payload())
+
+    def state_payload(self) -> str:
+        """The retained `state`: the state, its detail and every field of the status."""
+        state, detail = self._state
+        return state_payload(state, detail, self.status())
 
     def on_fault(self, fault: Fault, *, qos: int = 0) -> None:
         """Publish a fault as it happens. At QoS 0 only while connected (the loop's faults
@@ -262,6 +281,11 @@ class RetainedState:
             outbox=self.store.outbox_size(), version=__version__, status=self.status(),
             cpu_temperature_c=cpu_temperature(), contamination=self._fresh_contamination(),
             photos=self.photo_stats() if self.photo_stats is not None else None)
+
+    def publish_stats(self) -> None:
+        """One `stats` message (not retained), only while connected."""
+        if self.conn.connected.is_set():
+            self._publish(STATS, to_json(self.stats()), retain=False)
 
     def _fresh_contamination(self) -> JsonObject | None:
         if self.reviewed is None:
@@ -286,8 +310,7 @@ class RetainedState:
                 self.poll_reviews()
                 if time.monotonic() >= next_stats:
                     next_stats = time.monotonic() + self.stats_interval_s
-                    if self.conn.connected.is_set():
-                        self._publish(STATS, to_json(self.stats()), retain=False)
+                    self.publish_stats()
             except Exception:  # one bad read must not end the stats for good
                 log.exception("MQTT stats failed")
 

@@ -151,6 +151,8 @@ class Telemetry:
             self._outbox.wake()
         else:
             self._retained.on_fault(fault, qos=1)
+        # The retained state's fault counts and last fault (a fault need not change state).
+        self._retained.publish_state()
 
     def on_fill(self) -> None:
         """A fill level or state changed (the loop, the sensor thread or a command)."""
@@ -177,6 +179,10 @@ class Telemetry:
 
     def publish_discovery(self) -> None:
         self._retained.publish_discovery()
+
+    def publish_state(self) -> None:
+        """The retained `state` again with the status now (after a model reload)."""
+        self._retained.publish_state()
 
     def discovery_payloads(self) -> dict[str, JsonObject]:
         """Home Assistant discovery: topic -> config payload."""
