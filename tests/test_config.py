@@ -247,3 +247,17 @@ def test_a_key_with_a_line_break_is_quoted_in_its_one_line_error(table):
     with pytest.raises(ConfigError) as err:
         config_from_dict(table)
     assert "\n" not in str(err.value) and "\t" not in str(err.value)
+
+
+@pytest.mark.parametrize("url", ["http://bin.local:8080/", "https://10.0.0.5/dash", ""])
+def test_dashboard_url_accepts_a_web_address_or_nothing(url):
+    assert config_from_dict({"mqtt": {"dashboard_url": url}}).mqtt.dashboard_url == url
+
+
+@pytest.mark.parametrize("url", ["bin.local:8080", "ftp://bin.local/", "http://", "http:///x",
+                                 "http://bin local/", "http://bin.local:port/",
+                                 "javascript:alert(1)", "http://bin.local/\n"])
+def test_dashboard_url_refuses_what_home_assistant_would_refuse(url):
+    with pytest.raises(ConfigError, match="mqtt.dashboard_url = .*: must be an http:// or "
+                                          "https:// address"):
+        config_from_dict({"mqtt": {"dashboard_url": url}})

@@ -386,18 +386,24 @@ def test_discovery_topics_ids_and_state_topics(photos):
     assert node == "smartbin_bin_7"
     keys = [f"count_{b}" for b in BINS] + ["count_total", "last_item", "last_bin", "state"]
     keys += ["contamination"] if photos else []
+    keys += ["stats_uptime_s", "stats_cycle_ms_p95", "stats_items_per_hour", "stats_outbox",
+             "stats_cpu_temperature_c"]
     expected = {f"ha/sensor/{node}/{k}/config" for k in keys} | {
         f"ha/binary_sensor/{node}/online/config"}
     expected |= {f"ha/image/{node}/last_image/config"} if photos else set()
+    expected |= {f"ha/button/{node}/{k}/config"
+                 for k in ["pause", "resume", *(f"sort_next_{b}" for b in BINS)]}
+    expected |= {f"ha/select/{node}/sort_next/config"}
     assert set(out) == expected
     ids = [c["unique_id"] for c in out.values()]
-    assert len(set(ids)) == len(ids) == (11 if photos else 9)
+    assert len(set(ids)) == len(ids) == (11 if photos else 9) + 5 + 2 + len(BINS) + 1
     assert all(c["object_id"] == c["unique_id"] for c in out.values())
     for topic, conf in out.items():
         key = topic.split("/")[-2]
         assert conf["unique_id"] == f"{node}_{key}"
         assert conf["device"] == out[f"ha/binary_sensor/{node}/online/config"]["device"]
-        read = conf.get("state_topic", conf.get("image_topic"))
+        assert conf["origin"] == {"name": "smartbin", "sw": __version__}
+        read = conf.get("state_topic", conf.get("image_topic", conf.get("command_topic")))
         assert str(read).startswith("smartbin/bin-7/")
         if "/binary_sensor/" not in topic:
             assert conf["availability_topic"] == "smartbin/bin-7/availability"
@@ -422,24 +428,80 @@ def test_discovery_payload_bytes():
     dev = ('"device": {"identifiers": ["smartbin_g_1"], "name": "Smart bin g-1", '
            '"manufacturer": "smartbin", "model": "four-compartment sorting bin", '
            f'"sw_version": "{__version__}"}}')
+    made_by = f'"origin": {{"name": "smartbin", "sw": "{__version__}"}}'
+    # What every entity but the online sensor ends with.
+    tail = (f'{dev}, "availability_topic": "smartbin/g-1/availability", '
+            f'"payload_available": "online", "payload_not_available": "offline", {made_by}}}')
     assert to_json(out["homeassistant/sensor/smartbin_g_1/last_item/config"]) == (
         '{"name": "Last item", "state_topic": "smartbin/g-1/last", "value_template": '
         '"{{ value_json.label_en or value_json.label or \'unknown\' }}", '
         '"json_attributes_topic": "smartbin/g-1/last", "icon": "mdi:recycle", '
         '"unique_id": "smartbin_g_1_last_item", "object_id": "smartbin_g_1_last_item", '
-        f'{dev}, "availability_topic": "smartbin/g-1/availability", '
-        '"payload_available": "online", "payload_not_available": "offline"}')
+        f'{tail}')
     assert to_json(out["homeassistant/binary_sensor/smartbin_g_1/online/config"]) == (
         '{"name": "Online", "state_topic": "smartbin/g-1/availability", "payload_on": '
         '"online", "payload_off": "offline", "device_class": "connectivity", "unique_id": '
-        f'"smartbin_g_1_online", "object_id": "smartbin_g_1_online", {dev}}}')
+        f'"smartbin_g_1_online", "object_id": "smartbin_g_1_online", {dev}, {made_by}}}')
+    # The state and the last bin are enums: Home Assistant offers their values to automations.
+    assert to_json(out["homeassistant/sensor/smartbin_g_1/state/config"]) == (
+        '{"name": "State", "state_topic": "smartbin/g-1/state", "value_template": '
+        '"{{ value_json.state }}", "json_attributes_topic": "smartbin/g-1/state", "icon": '
+        '"mdi:state-machine", "device_class": "enum", "options": ["idle", "settling", '
+        '"capturing", "classifying", "sorting", "clearing", "cooldown", "paused", "fault"], '
+        '"unique_id": "smartbin_g_1_state", "object_id": "smartbin_g_1_state", '
+        f'{tail}')
+    assert to_json(out["homeassistant/sensor/smartbin_g_1/last_bin/config"]) == (
+        '{"name": "Last bin", "state_topic": "smartbin/g-1/last", "value_template": '
+        '"{{ value_json.bin }}", "icon": "mdi:tray-arrow-down", "device_class": "enum", '
+        '"options": ["recyclable", "kitchen", "hazardous", "other"], "unique_id": '
+        f'"smartbin_g_1_last_bin", "object_id": "smartbin_g_1_last_bin", {tail}')
+    assert to_json(out["homeassistant/sensor/smartbin_g_1/stats_cycle_ms_p95/config"]) == (
+        '{"name": "Cycle time p95", "state_topic": "smartbin/g-1/stats", "value_template": '
+        '"{{ value_json.cycle_ms_p95 | default(none) }}", "state_class": "measurement", '
+        '"unit_of_measurement": "ms", "entity_category": "diagnostic", "icon": '
+        '"mdi:timer-sand", "device_class": "duration", "unique_id": '
+        '"smartbin_g_1_stats_cycle_ms_p95", "object_id": "smartbin_g_1_stats_cycle_ms_p95", '
+        f'{tail}')
+    assert to_json(out["homeassistant/sensor/smartbin_g_1/stats_outbox/config"]) == (
+        '{"name": "Outbox", "state_topic": "smartbin/g-1/stats", "value_template": '
+        '"{{ value_json.outbox | default(none) }}", "state_class": "measurement", '
+        '"unit_of_measurement": "messages", "entity_category": "diagnostic", "icon": '
+        '"mdi:tray-full", "unique_id": "smartbin_g_1_stats_outbox", "object_id": '
+        f'"smartbin_g_1_stats_outbox", {tail}')
+    stats = {key: out[f"homeassistant/sensor/smartbin_g_1/stats_{key}/config"]
+             for key in ("uptime_s", "cycle_ms_p95", "items_per_hour", "outbox",
+                         "cpu_temperature_c")}
+    assert {k: (c["unit_of_measurement"], c.get("device_class")) for k, c in stats.items()} == {
+        "uptime_s": ("s", "duration"), "cycle_ms_p95": ("ms", "duration"),
+        "items_per_hour": ("items/h", None), "outbox": ("messages", None),
+        "cpu_temperature_c": ("°C", "temperature")}
+    assert all(c["entity_category"] == "diagnostic" for c in stats.values())
+    assert to_json(out["homeassistant/button/smartbin_g_1/pause/config"]) == (
+        '{"name": "Pause", "command_topic": "smartbin/g-1/cmd/pause", "payload_press": "{}", '
+        '"icon": "mdi:pause", "unique_id": "smartbin_g_1_pause", "object_id": '
+        f'"smartbin_g_1_pause", {tail}')
+    assert to_json(out["homeassistant/button/smartbin_g_1/resume/config"]) == (
+        '{"name": "Resume", "command_topic": "smartbin/g-1/cmd/resume", "payload_press": '
+        '"{}", "icon": "mdi:play", "unique_id": "smartbin_g_1_resume", "object_id": '
+        f'"smartbin_g_1_resume", {tail}')
+    assert to_json(out["homeassistant/button/smartbin_g_1/sort_next_hazardous/config"]) == (
+        '{"name": "Sort next to hazardous", "command_topic": "smartbin/g-1/cmd/sort_next", '
+        '"payload_press": "{\\"bin\\": \\"hazardous\\"}", "icon": "mdi:debug-step-over", '
+        '"unique_id": "smartbin_g_1_sort_next_hazardous", "object_id": '
+        f'"smartbin_g_1_sort_next_hazardous", {tail}')
+    assert to_json(out["homeassistant/select/smartbin_g_1/sort_next/config"]) == (
+        '{"name": "Sort next", "command_topic": "smartbin/g-1/cmd/sort_next", '
+        '"command_template": "{\\"bin\\": \\"{{ value }}\\"}", "options": ["recyclable", '
+        '"kitchen", "hazardous", "other"], "icon": "mdi:debug-step-over", "unique_id": '
+        f'"smartbin_g_1_sort_next", "object_id": "smartbin_g_1_sort_next", {tail}')
+    for b in BINS:
+        button = out[f"homeassistant/button/smartbin_g_1/sort_next_{b}/config"]
+        assert json.loads(str(button["payload_press"])) == {"bin": b}
     with_photos = discovery_payloads(cfg, "g-1", "smartbin/g-1", photos=True)
     assert to_json(with_photos["homeassistant/image/smartbin_g_1/last_image/config"]) == (
         '{"name": "Last item picture", "image_topic": "smartbin/g-1/image", "content_type": '
         '"image/jpeg", "unique_id": "smartbin_g_1_last_image", "object_id": '
-        f'"smartbin_g_1_last_image", {dev}, "availability_topic": '
-        '"smartbin/g-1/availability", "payload_available": "online", '
-        '"payload_not_available": "offline"}')
+        f'"smartbin_g_1_last_image", {tail}')
     assert to_json(with_photos["homeassistant/sensor/smartbin_g_1/contamination/config"]) == (
         '{"name": "Contamination", "state_topic": "smartbin/g-1/counts", "value_template": '
         '"{% set c = value_json.contamination | default(none) %}{{ (c.total.rate * 100) | '
@@ -448,10 +510,65 @@ def test_discovery_payload_bytes():
         '"smartbin/g-1/counts", "json_attributes_template": "{{ (value_json.contamination | '
         'default({})) | tojson }}", "icon": "mdi:delete-alert", "unique_id": '
         '"smartbin_g_1_contamination", "object_id": "smartbin_g_1_contamination", '
-        f'{dev}, "availability_topic": "smartbin/g-1/availability", "payload_available": '
-        '"online", "payload_not_available": "offline"}')
+        f'{tail}')
     # The entities of a bin without a photo log are the same bytes as before.
     assert {t: c for t, c in with_photos.items() if t in out} == out
+
+
+def test_the_dashboard_is_the_devices_configuration_url():
+    plain = discovery_payloads(config_from_dict({}).mqtt, "g-1", "smartbin/g-1")
+    assert all("configuration_url" not in c["device"] for c in plain.values())
+    cfg = config_from_dict({"mqtt": {"dashboard_url": "https://bins.example:8080/"}}).mqtt
+    out = discovery_payloads(cfg, "g-1", "smartbin/g-1", photos=True, fill=True)
+    assert {json.dumps(c["device"]) for c in out.values()} == {
+        '{"identifiers": ["smartbin_g_1"], "name": "Smart bin g-1", "manufacturer": '
+        '"smartbin", "model": "four-compartment sorting bin", "sw_version": '
+        f'"{__version__}", "configuration_url": "https://bins.example:8080/"}}'}
+
+
+# Bin ids as people write them: host names, dotted names, other scripts, and ids one
+# character apart from another's safe form.
+BIN_IDS = ["bin-1", "bin1", "lab.bin", "lab_bin", "lab-bin2", "küche", "k_che", "kuche",
+           "küche2", "Küche", "lab.bin.2", "lab.bin_2", "垃圾桶", "ゴミ箱", "a.",
+           "x@y", "x!", "x_", "smartbin", "Bin-7"]
+
+
+def test_node_ids_are_what_home_assistant_accepts_and_never_shared():
+    import re
+
+    nodes = {bin_id: node_id(bin_id) for bin_id in BIN_IDS}
+    for bin_id, node in nodes.items():
+        assert re.fullmatch(r"[a-zA-Z0-9_]+", node), (bin_id, node)
+        assert node == node_id(bin_id)  # stable
+    assert len(set(nodes.values())) == len(nodes), nodes
+    # Ids Home Assistant always accepted keep the node id (and so the unique ids) they had.
+    assert node_id("bin-1") == "smartbin_bin_1" and node_id("Bin-7") == "smartbin_Bin_7"
+    assert node_id("lab_bin") == "smartbin_lab_bin"
+    # The others: what can be kept, and a hash of the real id.
+    assert re.fullmatch(r"smartbin_lab_bin_[0-9a-f]{8}", nodes["lab.bin"])
+    assert re.fullmatch(r"smartbin_k_che_[0-9a-f]{8}", nodes["küche"])
+    assert nodes["küche"] != nodes["k_che"] == "smartbin_k_che"
+    assert nodes["küche"] != nodes["Küche"]
+
+
+@pytest.mark.parametrize("bin_id", ["lab.bin", "küche", "bin-1"])
+def test_discovery_topics_are_legal_for_any_bin_id(bin_id):
+    """Home Assistant's own pattern for a discovery topic; the state topics keep the id."""
+    import re
+
+    legal = re.compile(r"homeassistant/(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?"
+                       r"(?P<object_id>[a-zA-Z0-9_-]+)/config")
+    base = f"smartbin/{bin_id}"
+    out = discovery_payloads(config_from_dict({}).mqtt, bin_id, base, photos=True, fill=True)
+    node = node_id(bin_id)
+    for topic, conf in out.items():
+        match = legal.fullmatch(topic)
+        assert match and match["node_id"] == node, topic
+        assert str(conf["unique_id"]).startswith(node) and conf["object_id"] == conf["unique_id"]
+        assert conf["device"] == {**conf["device"], "identifiers": [node],
+                                  "name": f"Smart bin {bin_id}"}
+        read = conf.get("state_topic", conf.get("image_topic", conf.get("command_topic")))
+        assert str(read).startswith(f"{base}/")
 
 
 def test_discovery_of_the_fill_levels():
@@ -468,7 +585,8 @@ def test_discovery_of_the_fill_levels():
            '"manufacturer": "smartbin", "model": "four-compartment sorting bin", '
            f'"sw_version": "{__version__}"}}, "availability_topic": '
            '"smartbin/g-1/availability", "payload_available": "online", '
-           '"payload_not_available": "offline"}')
+           '"payload_not_available": "offline", "origin": {"name": "smartbin", "sw": '
+           f'"{__version__}"}}}}')
     assert to_json(out[node.format("sensor", "fill_kitchen")]) == (
         '{"name": "Kitchen fill", "state_topic": "smartbin/g-1/fill", "value_template": '
         '"{{ value_json.kitchen.pct }}", "state_class": "measurement", '
@@ -492,7 +610,7 @@ def test_discovery_of_the_fill_levels():
         assert out[node.format("sensor", f"fill_{b}")]["value_template"] == \
             f"{{{{ value_json.{b}.pct }}}}"
     ids = [c["unique_id"] for c in out.values()]
-    assert len(set(ids)) == len(ids) == 11 + 12
+    assert len(set(ids)) == len(ids) == 11 + 12 + 12
 
 
 # ---------------------------------------------------------------------- commands
@@ -1442,3 +1560,78 @@ def test_fill_changes_from_many_threads_leave_the_newest_retained(tmp_path):
     sent = [json.loads(p) for t, p, _ in conn.sent if t == "s/b/fill"]
     totals = [sum(entry["items"] for entry in f.values()) for f in sent]
     assert totals == sorted(totals) and totals[-1] == 200
+
+
+# ---------------------------------------------------------------------- state
+
+
+def test_the_state_carries_the_status_from_the_first_connect():
+    """Every connect publishes the state with the status as it is then (not a bare
+    {"state": "idle", "detail": ""}), and publish_state sends it again after a change."""
+    from bin_controller.mqtt.retained import RetainedState
+
+    status = {"paused": False, "model": "demo", "model_version": "1.0.0", "backend": "litert",
+              "faults": {}, "last_fault": None}
+    conn = RecordingConn()
+    conn.connected.clear()
+    state = RetainedState(conn, FakeStore(), "s/b", status=lambda: dict(status),
+                          stats_interval_s=60)
+
+    def states() -> list[dict]:
+        return [json.loads(p) for t, p, r in conn.sent if t == "s/b/state" and r]
+
+    state.publish_state()  # offline: nothing
+    assert states() == []
+    conn.connected.set()
+    state.republish()
+    assert states() == [{"state": "idle", "detail": "", **status}]
+    # stats once on every connect too (not retained), so nobody waits stats_interval_s.
+    assert [(t, r) for t, _, r in conn.sent if t == "s/b/stats"] == [("s/b/stats", False)]
+    state.on_state(State.SORTING, "kitchen")
+    status.update(model="demo2", model_version="2.0.0")  # a reload swapped the model in
+    state.publish_state()
+    assert states()[-2:] == [
+        {"state": "sorting", "detail": "kitchen", **{**status, "model": "demo",
+                                                   "model_version": "1.0.0"}},
+        {"state": "sorting", "detail": "kitchen", **status}]
+    conn.connected.clear()
+    state.on_state(State.IDLE, "")
+    status["faults"] = {"jam": 1}
+    conn.connected.set()
+    state.republish()
+    assert states()[-1] == {"state": "idle", "detail": "", **status} and len(states()) == 4
+
+
+def test_a_reload_tells_only_when_the_model_changed(tmp_path):
+    loop, told = FakeLoop(), []
+
+    def load_classifier(bundle):
+        if Path(bundle).name == "broken":
+            raise BundleError("no trained weights yet")
+        return SimpleNamespace(bundle=SimpleNamespace(name=Path(bundle).name, version="2"))
+
+    def fails():
+        told.append("fail")
+        raise RuntimeError("the broker is gone")
+
+    models = tmp_path / "models"
+    for name in ("broken", "other"):
+        (models / name).mkdir(parents=True)
+        (models / name / "manifest.json").write_text("{}")
+    cfg = config_from_dict({"model": {"dir": str(models)}})
+    commands = Commands(make_handlers(cfg, loop, FakeCounts(), load_classifier=load_classifier,
+                                      on_model_changed=lambda: told.append(
+                                          loop.classifier.bundle.name)))
+    assert not commands.handle("reload_model", b'{"bundle": "broken"}')["ok"]
+    assert told == []
+    assert commands.handle("reload_model", b'{"bundle": "other"}')["ok"]
+    assert told == ["other"]  # after the swap: the new model is the loop's
+    loop.busy = True
+    assert not commands.handle("reload_model", b'{"bundle": "other"}')["ok"]
+    assert told == ["other"]
+    # A failure to tell is logged; the reply still says the model is in.
+    loop.busy = False
+    commands = Commands(make_handlers(cfg, loop, FakeCounts(), load_classifier=load_classifier,
+                                      on_model_changed=fails))
+    reply = commands.handle("reload_model", b'{"bundle": "other"}')
+    assert reply["ok"] and told == ["other", "fail"]
