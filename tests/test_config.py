@@ -258,6 +258,6 @@ def test_dashboard_url_accepts_a_web_address_or_nothing(url):
                                  "http://bin local/", "http://bin.local:port/",
                                  "javascript:alert(1)", "http://bin.local/\n"])
 def test_dashboard_url_refuses_what_home_assistant_would_refuse(url):
-    with pytest.raises(ConfigError, match="mqtt.dashboard_url = .*: must be an http:// or "
-                                          "https:// address"):
+    with pytest.raises(ConfigError, match=r"mqtt\.dashboard_url = .*: must be an http:// or "
+                                          r"https:// address"):
         config_from_dict({"mqtt": {"dashboard_url": url}})

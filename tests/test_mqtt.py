@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -155,13 +156,16 @@ class _Bin:
     """A running simulated bin with telemetry, for command tests."""
 
     def __init__(self, port, demo, tmp_path):
+        # model.dir too: the default was made from the state_dir before this override.
         self.cfg = sim_config(mqtt_cfg(port).with_overrides(
-            {"bin": {"state_dir": str(tmp_path / "state")}}), fast=True)
+            {"bin": {"state_dir": str(tmp_path / "state")},
+             "model": {"dir": str(tmp_path / "state" / "models")}}), fast=True)
         self.simulation = Simulation(self.cfg, classifier=demo).__enter__()
         smartbin = self.simulation.bin
         self.loop, self.store, self.telemetry = smartbin.loop, smartbin.store, smartbin.telemetry
         assert self.telemetry.subscribed.wait(10)  # commands sent now are received
         self.port = port
+        self.tmp_path = tmp_path
 
     def cmd(self, name, payload):
         raw = request(self.port, f"smartbin/t1/cmd/{name}", payload,
@@ -533,3 +537,115 @@ def test_a_fault_during_an_outage_arrives_afterwards(broker, tmp_path):
     finally:
         telemetry.stop()
         store.close()
+
+
+# ---------------------------------------------------------------------- Home Assistant, fuller
+
+STATE_FIELDS = {"state", "detail", "paused", "model", "model_version", "backend", "faults",
+                "last_fault"}
+
+
+def retained_state(listener, base="smartbin/t1"):
+    return json.loads(listener.retained.get(f"{base}/state", b"{}"))
+
+
+def test_the_first_retained_state_after_a_start_has_every_field(running_bin):
+    """No item yet, so the loop has not changed state: the state the connect published."""
+    b = running_bin
+    listener = Listener(b.port, topic="smartbin/t1/state", client_id="first-state")
+    assert listener.wait_for(lambda li: li.messages)
+    states = [json.loads(p) for p in listener.payloads("smartbin/t1/state")]
+    assert all(set(s) == STATE_FIELDS for s in states), states
+    assert states[0] == {"state": "idle", "detail": "", "paused": False, "model": "demo",
+                         "model_version": "1.0.0", "backend": "litert", "faults": {},
+                         "last_fault": None}
+    listener.close()
+
+
+def test_the_retained_state_follows_a_model_reload_and_faults(running_bin):
+    import shutil
+
+    from bin_controller.vision.bundle import SHIPPED_MODELS
+
+    b = running_bin
+    # A second bundle that loads offline: the demo's files under another name and version.
+    copy = Path(b.cfg.model.dir) / "demo2"
+    assert copy.is_relative_to(b.tmp_path)
+    shutil.copytree(SHIPPED_MODELS / "demo", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "name": "demo2",
+                                                     "version": "2.0.0"}))
+    listener = Listener(b.port, topic="smartbin/t1/state", client_id="state")
+    assert listener.wait_for(lambda li: retained_state(li).get("model") == "demo")
+    r = b.cmd("reload_model", '{"bundle": "demo2"}')
+    assert r["ok"] and (r["model"], r["version"], r["previous"]) == (
+        "demo2", "2.0.0", "demo 1.0.0"), r
+    assert listener.wait_for(lambda li: retained_state(li).get("model") == "demo2"), \
+        listener.payloads("smartbin/t1/state")
+    state = retained_state(listener)
+    assert set(state) == STATE_FIELDS and state["model_version"] == "2.0.0"
+    assert state["state"] == "idle"  # the loop did not change state: the reload said it
+    # A fault that changes no state still reaches the retained counts of faults.
+    b.loop.report_fault("camera", "no frame within 2 s")
+    assert listener.wait_for(lambda li: retained_state(li).get("faults") == {"camera": 1})
+    assert retained_state(listener)["last_fault"] == "no frame within 2 s"
+    # And a reload back to the configured bundle says so too.
+    assert b.cmd("reload_model", "{}")["ok"]
+    assert listener.wait_for(lambda li: retained_state(li).get("model") == "demo")
+    assert retained_state(listener)["model_version"] == "1.0.0"
+    listener.close()
+
+
+def render(template: str, value: str) -> str:
+    """Home Assistant's rendering of the only template the controls use."""
+    assert template.count("{{ value }}") == 1
+    return template.replace("{{ value }}", value)
+
+
+def test_the_home_assistant_controls_drive_the_bin(running_bin):
+    """What Home Assistant would send, taken from the discovery the bin published: each
+    button's payload_press and each select option through its command_template, to its
+    command_topic; each is answered ok and does what it says."""
+    b = running_bin
+    ha = Listener(b.port, topic="homeassistant/#", client_id="ha-controls")
+    node = "homeassistant/{}/smartbin_t1/{}/config"
+    wanted = [node.format("button", k) for k in ("pause", "resume",
+                                                 *(f"sort_next_{x}" for x in BINS),
+                                                 *(f"emptied_{x}" for x in BINS))]
+    wanted.append(node.format("select", "sort_next"))
+    assert ha.wait_for(lambda li: set(wanted) <= set(li.retained)), sorted(ha.retained)
+    configs = {t: json.loads(ha.retained[t]) for t in wanted}
+    ha.close()
+    state = Listener(b.port, topic="smartbin/t1/state", client_id="ha-state")
+
+    def press(key: str, payload: str | None = None) -> dict:
+        platform = "select" if payload is not None else "button"
+        conf = configs[node.format(platform, key)]
+        topic = conf["command_topic"]
+        assert topic.startswith("smartbin/t1/cmd/")
+        sent = payload if payload is not None else conf["payload_press"]
+        raw = request(b.port, topic, sent, topic.replace("/cmd/", "/reply/"))
+        assert raw is not None, f"no reply to {key}"
+        return json.loads(raw)
+
+    assert press("pause") == {"ok": True, "paused": True, "command": "pause"}
+    assert b.loop.status()["paused"]
+    assert state.wait_for(lambda li: retained_state(li).get("state") == "paused"
+                          and retained_state(li).get("paused") is True)
+    assert press("resume") == {"ok": True, "paused": False, "command": "resume"}
+    assert not b.loop.status()["paused"]
+    assert state.wait_for(lambda li: retained_state(li).get("paused") is False)
+    state.close()
+    for x in BINS:
+        assert press(f"sort_next_{x}") == {"ok": True, "bin": x, "command": "sort_next"}
+        assert b.loop._next_bin == x
+    select = configs[node.format("select", "sort_next")]
+    assert select["options"] == list(BINS)
+    for x in reversed(BINS):
+        reply = press("sort_next", render(select["command_template"], x))
+        assert reply == {"ok": True, "bin": x, "command": "sort_next"}
+        assert b.loop._next_bin == x
+    for x in BINS:
+        reply = press(f"emptied_{x}")
+        assert reply["ok"] and reply["bin"] == x, reply
+    b.loop._next_bin = None
