@@ -272,6 +272,8 @@ def cmd_config_doc(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from training import train
 
+    if args.compare and args.method != "keras":
+        raise SmartbinError("--compare goes with --method keras")
     if args.method == "keras":
         try:
             from training import keras_method
@@ -380,14 +382,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=path_arg, required=True, help="bundle folder to write")
     p.add_argument("--bins", type=path_arg, help="JSON class -> bin (default: name prefixes)")
     p.add_argument("--method", choices=("features", "keras"), default="features")
-    p.add_argument("--strategy", choices=("connect", "140after", "all"), default="connect",
-                   help="keras method: which layers train (the study's three)")
+    # Not argparse choices: which strategies exist depends on --arch, and a wrong pair is
+    # one line from the trainer rather than argparse's usage block.
+    p.add_argument("--arch", default="mobilenet_v2",
+                   help="keras method: backbone, mobilenet_v2 (default) or resnet50")
+    p.add_argument("--strategy", default="connect",
+                   help="keras method: which layers train, the study's three per backbone: "
+                        "mobilenet_v2 connect|140after|all, resnet50 connect|80after|all")
+    p.add_argument("--compare", action="store_true",
+                   help="keras method: train every (arch, strategy) pair on one split and "
+                        "write report.json and report.md in --out, a bundle per pair")
+    p.add_argument("--pairs", default=None,
+                   help="with --compare: only these, e.g. resnet50:connect,mobilenet_v2:all")
+    p.add_argument("--eager", action="store_true",
+                   help="keras method: no graph tracing (tens of seconds per model saved "
+                        "on a few images; on a real dataset the traced graph is faster)")
+    p.add_argument("--bench-runs", type=whole(1), default=50,
+                   help="with --compare: timed int8 runs per bundle (default 50)")
+    p.add_argument("--bench-threads", default="1,2", type=thread_counts,
+                   help="with --compare: interpreter thread counts timed (default 1,2)")
     p.add_argument("--backbone", type=name_or_path,
                    help="backbone file or URL (default: the official MobileNetV2 download, "
                         "or $SMARTBIN_BACKBONE)")
-    p.add_argument("--weights", type=name_or_path,
-                   help="keras method: local ImageNet weights file (default: download; "
-                        "'none' for random)")
+    p.add_argument("--weights", type=name_or_path, action="append",
+                   help="keras method: imagenet (default: Keras downloads them), none "
+                        "(random), FILE, or ARCH=FILE; repeat for each backbone of --compare")
     p.add_argument("--image-size", type=whole(32, 1024), default=224,
                    help="keras method: input size (the study: 224)")
     p.add_argument("--epochs", type=whole(1), default=30)
