@@ -180,6 +180,7 @@ class ModelsFolder:
                 unique = f"{version}.{n}"
             tmp = home / f"{TMP_PREFIX}{unique}.{os.getpid()}"
             shutil.copytree(bundle.path, tmp, symlinks=False)
+            tmp.chmod(0o755)  # a teach's temporary folder is private; the service must read it
             _fsync_tree(tmp)
             os.replace(tmp, home / unique)
             _fsync_dir(home)

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -575,6 +574,7 @@ def write_bundle(out: Path, manifest: dict[str, Any], head: bytes, layers: list[
                            "for --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.teach-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's folder is private; a bundle is read by the service
     try:
         if backbone_file is not None:
             shutil.copyfile(backbone_file, tmp / backbone_file.name)
@@ -637,20 +637,15 @@ def run(args: Any) -> int:
                                    "some items first (smartbin review label)")
         out = args.out if args.out is not None else Path(tmp) / "bundle" / (
             load_bundle(base, models_dir=cfg.model.dir).name if base else "taught")
-        try:
-            outcome = teach(data, out, base=base, models_dir=cfg.model.dir, bins=args.bins,
-                            backbone=args.backbone or cfg.model.backbone or None,
-                            base_data=args.base_data, margin=args.margin, seed=args.seed,
-                            name=args.name)
-        except Rejected as exc:
-            print(f"smartbin: error: {exc}", file=sys.stderr)
-            return 2
+        # A Rejected teach is a SmartbinError: one line, exit 2, nothing written.
+        teach(data, out, base=base, models_dir=cfg.model.dir, bins=args.bins,
+              backbone=args.backbone or cfg.model.backbone or None, base_data=args.base_data,
+              margin=args.margin, seed=args.seed, name=args.name)
         if args.install:
             installed = ModelsFolder(cfg.model.dir).install(out, keep=args.keep)
             print(f"installed {installed.name} {installed.version} in {cfg.model.dir}"
                   + (f" (previous: {installed.previous})" if installed.previous else "")
                   + "; send reload_model or restart the service to use it")
-        del outcome
     return 0
 
 
