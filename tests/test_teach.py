@@ -379,3 +379,33 @@ def test_garbage120_base_gives_the_vocabulary(tmp_path, trashnet_dir, mobilenet_
     classifier = Classifier(out, backbone=str(mobilenet_file))
     photo = next((data / "可回收物_纸板").iterdir())
     assert classifier.classify_file(photo).bin == "recyclable"
+
+
+# ------------------------------------------------------------------ from the bin's reviews
+
+
+def test_teach_from_review_installs_over_the_configured_bundle(tmp_path, base_data, capsys):
+    """The simulated bin sorts items of two kinds it does not know; a person labels them
+    (and a few known ones); `teach --from-review --install` exports the reviewed photos,
+    teaches the configured demo and installs the result under its name."""
+    from tests.test_review_cli import fill
+
+    state = tmp_path / "state"
+    plan = [NEW[0]] * 6 + [NEW[1]] * 6 + [k for k in items.KINDS for _ in range(3)]
+    fill(state, plan, seed=4, classifier=Classifier("demo"))
+    seq = 1
+    for kind, n in [(NEW[0], 6), (NEW[1], 6)] + [(k, 3) for k in items.KINDS]:
+        extra = ["--bin", kind.bin] if kind in NEW else []
+        assert run("review", "label", f"{seq}-{seq + n - 1}", kind.name, *extra,
+                   "--state-dir", state)[0] == 0
+        seq += n
+    capsys.readouterr()
+    code, stdout, err = run("teach", "--from-review", "--install", "--state-dir", state,
+                            "--base-data", base_data, "--margin", "10", capsys=capsys)
+    assert code == 0, err
+    assert "exported 36 reviewed photos of 10 labels" in stdout
+    assert "installed demo" in stdout
+    taught = load_bundle("demo", models_dir=state / "models")
+    assert set(taught.label_names) == set(DEMO_LABELS) | {k.name for k in NEW}
+    files = [p["file"] for p in taught.provenance["photos"]]
+    assert len(files) == 36 and all(f.endswith(".jpg") for f in files)
