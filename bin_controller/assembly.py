@@ -206,8 +206,10 @@ def _route_store_faults(store: Store, loop: SortingLoop,
 
 def _telemetry(cfg: Config, loop: SortingLoop, store: Store, photos: PhotoLog | None,
                fill: FillTracker | None) -> Telemetry:
+    from bin_controller.model_updates import ModelsFolder
     from bin_controller.mqtt.commands import make_handlers
     from bin_controller.mqtt.fill_commands import make_fill_handlers
+    from bin_controller.mqtt.model_commands import make_model_handlers
     from bin_controller.mqtt.review_commands import make_review_handlers
     from bin_controller.review import Reviews
 
@@ -229,6 +231,9 @@ def _telemetry(cfg: Config, loop: SortingLoop, store: Store, photos: PhotoLog | 
         cfg, loop, store, counts_changed,
         load_classifier=lambda ref: make_classifier(cfg.model, bundle=ref),
         on_model_changed=model_changed)
+    handlers.update(make_model_handlers(ModelsFolder(cfg.model.dir),
+                                        lambda: loop.classifier.bundle.name,
+                                        handlers["reload_model"]))
     if photos is not None:
         # The labels of the model running now: a reload_model changes what a review knows.
         reviews = Reviews(photos.sitelog, photos.folder,

@@ -300,6 +300,71 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teach(args: argparse.Namespace) -> int:
+    from training import teach
+
+    return teach.run(args)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from bin_controller.tools import models_cmd
+
+    return models_cmd.run(args)
+
+
+def _add_teach_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("teach", help="teach a bundle new labels from a few photos, check it "
+                                     "against its base, optionally install it")
+    p.add_argument("--data", type=path_arg, help="class folders of photos (like train's)")
+    p.add_argument("--from-review", action="store_true",
+                   help="teach from the bin's reviewed photos (base: the configured bundle)")
+    p.add_argument("--base", type=name_or_path,
+                   help="bundle whose labels are kept (a name or a folder; garbage120 gives "
+                        "only names and bins); default with --from-review or --install: the "
+                        "configured bundle")
+    p.add_argument("--out", type=path_arg, help="bundle folder to write")
+    p.add_argument("--name", help="the new bundle's name (default: the --out folder's name, "
+                                  "else the base's)")
+    p.add_argument("--bins", type=path_arg, help="JSON class folder -> bin, for folders "
+                                                 "without the standard's prefix")
+    p.add_argument("--backbone", type=name_or_path,
+                   help="local file or folder for a downloadable backbone")
+    p.add_argument("--base-data", type=path_arg,
+                   help="photos the base was trained on (its split.json's test photos are "
+                        "checked), or photos of its labels")
+    p.add_argument("--margin", type=number(0, 100), default=2.0,
+                   help="points of top-1 on the old labels the new bundle may lose "
+                        "(default 2)")
+    p.add_argument("--install", action="store_true",
+                   help="install the accepted bundle in the models folder (model.dir)")
+    p.add_argument("--keep", type=whole(1, 100), default=3,
+                   help="versions of a bundle kept in the models folder (default 3)")
+    p.add_argument("--seed", type=whole(0, MAX_SEED), default=0)
+    p.add_argument("--config", default=None, type=name_or_path, help="TOML configuration file")
+    p.add_argument("--state-dir", type=path_arg, help="override bin.state_dir")
+    p.set_defaults(func=cmd_teach)
+
+    p = sub.add_parser("models", help="the models folder: install, list, roll back versions")
+    models_sub = p.add_subparsers(dest="models_command", required=True, metavar="WHAT")
+    for name, helptext in (("install", "copy a bundle in as the current version of its name"),
+                           ("list", "bundles in the models folder and their versions"),
+                           ("rollback", "go back to the version installed before")):
+        c = models_sub.add_parser(name, help=helptext)
+        c.add_argument("--config", default=None, type=name_or_path,
+                       help="TOML configuration file")
+        c.add_argument("--state-dir", type=path_arg, help="override bin.state_dir")
+        c.set_defaults(func=cmd_models)
+        if name == "install":
+            c.add_argument("bundle", type=path_arg, metavar="BUNDLE_DIR")
+            c.add_argument("--keep", type=whole(1, 100), default=3,
+                           help="versions kept (default 3)")
+        elif name == "rollback":
+            c.add_argument("name", nargs="?", metavar="NAME",
+                           help="bundle name (default: the configured bundle's)")
+        else:
+            c.add_argument("--json", action="store_true", help="one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartbin", description="Smart waste bin controller")
     parser.add_argument("--version", action="version", version=f"smartbin {__version__}")
@@ -417,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-search", action="store_true",
                    help="features method: train only the study's head, no variants")
     p.set_defaults(func=cmd_train)
+
+    _add_teach_parsers(sub)
 
     p = sub.add_parser("evaluate", help="measure a bundle on labelled photos")
     p.add_argument("--model", required=True, type=name_or_path)

@@ -182,6 +182,93 @@ def _truncate(data: bytearray, tensor_name: str) -> bytes:
     return bytes(data)
 
 
+@dataclass(frozen=True)
+class DenseInt8:
+    """One FULLY_CONNECTED layer of an int8 head, as real numbers: `weight` [out, in] and
+    `bias` dequantized, `relu` from its fused activation."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    relu: bool
+
+
+def _tensor_array(model: _Table, tensor: _Table, dtype: type) -> np.ndarray:
+    """A constant tensor's values, dequantized with its per-tensor or per-channel (axis 0)
+    scales."""
+    buffers = model.tables(4)
+    index = tensor.uint(2)
+    if not 0 < index < len(buffers):
+        raise TFLiteFormatError(f"tensor {tensor.string(3)!r} is not a constant")
+    start, n = buffers[index].vector_pos(0)
+    shape = tensor.int_vector(0)
+    values: np.ndarray = np.frombuffer(bytes(tensor.buf[start:start + n]), dtype=dtype)
+    if values.size != int(np.prod(shape)):
+        raise TFLiteFormatError(f"tensor {tensor.string(3)!r}: {values.size} values for "
+                                f"shape {shape}")
+    values = values.reshape(shape).astype(np.float64)
+    quant_pos = tensor._field(4)
+    if not quant_pos:
+        return values
+    quant = _Table(tensor.buf, quant_pos + _read(tensor.buf, "<I", quant_pos))
+    s_start, s_n = quant.vector_pos(2, 4)
+    z_start, z_n = quant.vector_pos(3, 8)
+    scales = np.frombuffer(bytes(tensor.buf[s_start:s_start + 4 * s_n]), "<f4")
+    zeros = np.frombuffer(bytes(tensor.buf[z_start:z_start + 8 * z_n]), "<i8")
+    if not s_n:
+        return values
+    if s_n not in (1, shape[0]) or z_n not in (0, 1, s_n):
+        raise TFLiteFormatError(f"tensor {tensor.string(3)!r}: quantized along an axis "
+                                "other than the first")
+    per_row = (-1,) + (1,) * (len(shape) - 1)
+    zero = zeros.reshape(per_row) if z_n > 1 else (zeros[0] if z_n else 0)
+    return (values - zero) * scales.astype(np.float64).reshape(per_row)
+
+
+def read_dense_head(buf: bytes) -> list[DenseInt8]:
+    """The dense layers of a head model: FULLY_CONNECTED operators (int8 weights, int32
+    bias) in order, optionally followed by a SOFTMAX. What a teach needs to keep a trained
+    head's labels exactly as they are; anything else in the model is refused."""
+    with _damaged():
+        model = _model(buf)
+        codes = []
+        for code in model.tables(1):
+            p = code._field(3)
+            codes.append(_read(buf, "<i", p) if p else _read(buf, "<b", code._field(0)))
+        graph = _subgraphs(buf)[0]
+        tensors = graph.tables(0)
+        layers: list[DenseInt8] = []
+        ops = graph.tables(3)
+        for i, op in enumerate(ops):
+            kind = codes[op.uint(0)]
+            if kind == SOFTMAX and i == len(ops) - 1:
+                break
+            if kind != FULLY_CONNECTED:
+                raise TFLiteFormatError(f"operator {i} is not a dense layer (builtin {kind})")
+            inputs = op.int_vector(1)
+            if len(inputs) < 3 or inputs[2] < 0:
+                raise TFLiteFormatError(f"dense layer {i} has no bias")
+            weight_t, bias_t = tensors[inputs[1]], tensors[inputs[2]]
+            weight_type = NUMPY_OF_TYPE.get(_read(buf, "<b", weight_t._field(1)))
+            if weight_type not in (np.int8, np.float32):
+                raise TFLiteFormatError(f"dense layer {i}: weights neither int8 nor float")
+            bias_type = np.int32 if weight_type is np.int8 else np.float32
+            weight = _tensor_array(model, weight_t, weight_type)
+            bias = _tensor_array(model, bias_t, bias_type)
+            opt_pos = op._field(4)
+            activation = ACT_NONE
+            if opt_pos:
+                options = _Table(buf, opt_pos + _read(buf, "<I", opt_pos))
+                p = options._field(0)
+                activation = _read(buf, "<b", p) if p else ACT_NONE
+            if activation not in (ACT_NONE, ACT_RELU):
+                raise TFLiteFormatError(f"dense layer {i}: activation {activation} is not "
+                                        "none or relu")
+            layers.append(DenseInt8(weight, bias, activation == ACT_RELU))
+        if not layers:
+            raise TFLiteFormatError("the model has no dense layer")
+        return layers
+
+
 # --------------------------------------------------------------------------- writing
 
 
