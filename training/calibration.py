@@ -72,6 +72,11 @@ def _r(value: float) -> float:
     return round(value, 4) + 0.0  # + 0.0: no -0.0 in the manifest
 
 
+def view_ece(layers: list[Dense], views: Sequence[np.ndarray], labels: np.ndarray) -> float:
+    """ECE of the float head's probabilities, averaged over views as the bundle does."""
+    return expected_calibration_error(_view_probs(layers, views), np.asarray(labels), ECE_BINS)
+
+
 def _view_probs(layers: list[Dense], views: Sequence[np.ndarray]) -> np.ndarray:
     # As the classifier does with test-time flip: the mean of each view's softmax.
     return np.mean([softmax(forward(layers, v)[-1]) for v in views], 0)

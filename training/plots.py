@@ -180,7 +180,7 @@ def reliability_figure(series: dict[str, tuple[list[dict[str, Any]], float]],
     _percent_axis(ax)
     _percent_axis(ax, "x")
     ax_n.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")  # out of the way of the points
     fig.suptitle(title)
     return fig
 

@@ -20,7 +20,7 @@ from bin_controller.vision import tflite_format
 from bin_controller.vision.bundle import MANIFEST, load_bundle, write_manifest
 from bin_controller.vision.fetch import RemoteFile, cache_dir, fetch_bytes, resolve, sha256_bytes
 from training import plots
-from training.calibration import DEFAULT_TARGET_ACCURACY, Calibration, calibrate
+from training.calibration import DEFAULT_TARGET_ACCURACY, Calibration, calibrate, view_ece
 from training.dataset import Dataset, load_dataset
 from training.evaluate import SPLIT_FILE, evaluate, save_float_head, write_report
 from training.export_head import export_head, int8_agreement
@@ -168,26 +168,34 @@ def train_features(data: Path, out: Path, *, bin_map: Path | None = None,
 
     # Calibrate before the export, so that the int8 softmax is the calibrated one.
     deploy = chosen["deploy_view"]
-    val_views = [f_val[deploy]]
-    if chosen["test_time_flip"]:
-        val_views.append(f_val["full_flip" if deploy == "full" else "flip"])
-    result_layers, calibration = calibrate(result_layers, val_views, y["val"])
+    flip = "full_flip" if deploy == "full" else "flip"
+    views = [deploy, flip] if chosen["test_time_flip"] else [deploy]
+    uncalibrated = result_layers
+    result_layers, calibration = calibrate(result_layers, [f_val[v] for v in views], y["val"])
+    # The test split says whether the temperature fitted on validation carries over.
+    test_ece = {"test_ece_float_before": view_ece(uncalibrated, [f_test[v] for v in views],
+                                                  y["test"]),
+                "test_ece_float_after": view_ece(result_layers, [f_test[v] for v in views],
+                                                 y["test"])}
     log(f"calibration: temperature {calibration.temperature:.3f}; validation ECE "
         f"{calibration.val_ece_before:.2%} -> {calibration.val_ece_after:.2%}, NLL "
-        f"{calibration.val_nll_before:.3f} -> {calibration.val_nll_after:.3f}")
+        f"{calibration.val_nll_before:.3f} -> {calibration.val_nll_after:.3f}; test ECE "
+        f"(float) {test_ece['test_ece_float_before']:.2%} -> "
+        f"{test_ece['test_ece_float_after']:.2%}")
 
     q = extractor.quant
     calib = np.concatenate([f_train[v][:256] for v in chosen["views"]])
     head = export_head(result_layers, calib, input_scale=q.scale,
                        input_zero_point=q.zero_point - 128 if q.dtype is np.uint8
                        else q.zero_point, description=f"smartbin head for {out.name}")
-    # The calibrated head's logits are smaller: check the int8 export still follows it.
+    # T rescales the logits and so the int8 output range: check the export still follows.
     check = int8_agreement(head, result_layers, f_val[deploy])
     log(f"int8 head against the calibrated float head on validation: top-1 agreement "
         f"{check['top1_agreement']:.2%}, largest probability difference "
         f"{check['max_prob_diff']:.3f}")
     manifest = _manifest(out, ds, remote, head, chosen, hyper, variants, speed,
-                         time.perf_counter() - started, calibration, check)
+                         time.perf_counter() - started, calibration,
+                         check | {k: round(v, 4) for k, v in test_ece.items()})
     out.mkdir(parents=True, exist_ok=True)
     (out / "head.tflite").write_bytes(head)
     save_float_head(out, result_layers)
@@ -251,7 +259,7 @@ def _variants_md(variants: list[dict[str, Any]], chosen: dict[str, Any]) -> str:
 
 def _manifest(out: Path, ds: Dataset, remote: RemoteFile, head: bytes, chosen: dict,
               hyper: Hyper, variants: list, speed: float, seconds: float,
-              calibration: Calibration, int8_check: dict[str, float]) -> dict[str, Any]:
+              calibration: Calibration, checks: dict[str, float]) -> dict[str, Any]:
     names_en: dict[str, str] = {}
     old = out / MANIFEST
     if old.is_file():  # keep hand-written English names (model/garbage120 has them)
@@ -293,8 +301,10 @@ def _manifest(out: Path, ds: Dataset, remote: RemoteFile, head: bytes, chosen: d
             "variants": variants,
             "chosen": chosen["variant"],
             "calibration": calibration.record() | {
-                "int8_val_top1_agreement": int8_check["top1_agreement"],
-                "int8_val_max_prob_diff": int8_check["max_prob_diff"]},
+                "test_ece_float_before": checks["test_ece_float_before"],
+                "test_ece_float_after": checks["test_ece_float_after"],
+                "int8_val_top1_agreement": checks["top1_agreement"],
+                "int8_val_max_prob_diff": checks["max_prob_diff"]},
             "metrics": {"val_top1_float": chosen["val_top1"],
                         "test_top1_float": chosen["test_top1"]},
             "benchmark": {"feature_images_per_s": round(speed, 1) if speed == speed else None,
