@@ -284,7 +284,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     hyper = train.Hyper(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         dropout=args.dropout, seed=args.seed)
     train.train_features(args.data, args.out, bin_map=args.bins, backbone=args.backbone,
-                         hyper=hyper, search=not args.no_search)
+                         hyper=hyper, search=not args.no_search,
+                         target_accuracy=args.target_accuracy)
     return 0
 
 
@@ -292,11 +293,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate
 
     report = evaluate(args.model, args.data, split=args.split, out=args.out,
-                      backbone=args.backbone, backend=args.backend)
+                      backbone=args.backbone, backend=args.backend,
+                      target_accuracy=args.target_accuracy)
     print(f"{report['model']} on {report['split']} (n={report['n']}): top-1 "
           f"{report['top1']:.2%}, top-5 {report['top5']:.2%}, bin accuracy "
-          f"{report['bin_accuracy']:.2%}, latency p50 {report['latency_ms']['p50']} ms"
+          f"{report['bin_accuracy']:.2%}, ECE {report['ece']:.2%}, latency p50 "
+          f"{report['latency_ms']['p50']} ms"
           + (f"; report in {args.out}" if args.out else ""))
+    print(report["calibration"]["advice"])
     return 0
 
 
@@ -363,6 +367,13 @@ def _add_teach_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                            help="bundle name (default: the configured bundle's)")
         else:
             c.add_argument("--json", action="store_true", help="one JSON object")
+
+
+def _add_target_accuracy(p: argparse.ArgumentParser) -> None:
+    # 0.95: the bin accuracy the report finds a confidence threshold for, unless told.
+    p.add_argument("--target-accuracy", type=number(0, 1, above=True), default=0.95,
+                   help="report the confidence_threshold whose sorted items reach this bin "
+                        "accuracy (default 0.95)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -481,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=whole(0, MAX_SEED), default=0)
     p.add_argument("--no-search", action="store_true",
                    help="features method: train only the study's head, no variants")
+    _add_target_accuracy(p)
     p.set_defaults(func=cmd_train)
 
     _add_teach_parsers(sub)
@@ -492,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=path_arg, help="write report.json, report.md and plots here")
     p.add_argument("--backbone", type=name_or_path)
     p.add_argument("--backend", default="auto")
+    _add_target_accuracy(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="benchmarks that print numbers")

@@ -92,9 +92,49 @@ def test_training_path_end_to_end(trained):
     assert {"n", "top1", "top5", "bin_accuracy"} <= set(report)
     assert report["n"] == len(json.loads((out / "split.json").read_text())["test"])
     assert report["top1"] >= 0.7 and report["int8_float_agreement"] >= 0.85
-    for png in ("confusion.png", "bin_confusion.png", "training.png"):
-        assert Image.open(out / "report" / png).size[0] > 100
-    assert "| top-1 |" in (out / "report" / "report.md").read_text()
+    titles = {}
+    for png in ("confusion.png", "bin_confusion.png", "training.png", "reliability.png",
+                "coverage.png"):
+        with Image.open(out / "report" / png) as img:
+            assert img.format == "PNG" and img.size[0] > 400
+            titles[png] = img.text["Title"]
+    where = f"mini {bundle.version}, test split (n={report['n']})"
+    assert titles["coverage.png"] == f"{where}: accuracy against coverage"
+    assert titles["reliability.png"] == f"{where}: reliability"
+    assert titles["training.png"].startswith(f"mini {bundle.version}: training, train and "
+                                             "validation splits (study:")
+    md = (out / "report" / "report.md").read_text()
+    assert "| top-1 |" in md and "![accuracy against coverage, target 95%](coverage.png)" in md
+    assert "`model.confidence_threshold = " in md
+
+
+def test_training_calibrates_and_records_it(trained):
+    _root, out, _result, lines, _ = trained
+    cal = load_bundle(out).provenance["calibration"]
+    report = json.loads((out / "report" / "report.json").read_text())
+    # The mini set's validation split has 16 photos; whatever its mistakes, T is bounded.
+    assert 0.5 <= cal["temperature"] <= 20
+    # T minimises the NLL; on 16 photos the 15-bin ECE is too noisy to assert on.
+    assert cal["val_nll_after"] <= cal["val_nll_before"] + 1e-9
+    assert 0 <= cal["val_ece_after"] <= 1 and cal["val_ece_before"] >= 0
+    assert cal["test_ece"] == report["ece"] and cal["test_bin_ece"] == report["bin_ece"]
+    # The int8 bundle's test ECE is that of the calibrated float head, give or take
+    # photos that int8 rounding moves across a bin edge.
+    assert abs(cal["test_ece"] - cal["test_ece_float_after"]) < 0.05
+    assert 0 <= cal["test_ece_float_before"] <= 1
+    assert cal["int8_val_top1_agreement"] >= 0.9 and cal["int8_val_max_prob_diff"] < 0.1
+    assert any(line.startswith(f"calibration: temperature {cal['temperature']:.3f}")
+               for line in lines)
+    # The bundle's probabilities are those of the folded float head: it is what the
+    # int8/float agreement of the report compares with.
+    assert report["int8_float_agreement"] >= 0.85
+    c = report["calibration"]
+    assert len(c["coverage"]) == 101 and c["target_accuracy"] == 0.95
+    assert c["coverage"][0] == {"threshold": 0.0, "fallback_fraction": 0.0,
+                                "accuracy": report["bin_accuracy"], "n_kept": report["n"]}
+    if c["threshold_for_target"] is not None:
+        assert c["threshold_for_target"]["accuracy"] >= 0.95
+    assert c["advice"] in "\n".join(lines)
 
 
 def test_trained_bundle_sorts_in_the_simulator(trained, mobilenet_file):
@@ -111,11 +151,20 @@ def test_trained_bundle_sorts_in_the_simulator(trained, mobilenet_file):
 def test_evaluate_command(trained, tmp_path, mobilenet_file):
     root, out, _, _, _ = trained
     r = smartbin("evaluate", "--model", str(out), "--data", str(root), "--out",
-                 str(tmp_path / "rep"), "--backbone", str(mobilenet_file))
+                 str(tmp_path / "rep"), "--backbone", str(mobilenet_file),
+                 "--target-accuracy", "0.99")
     assert r.returncode == 0, r.stderr
-    assert "top-1" in r.stdout
+    assert "top-1" in r.stdout and "ECE" in r.stdout
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert data["split"] == "test" and data["n"] > 0
+    c = data["calibration"]
+    assert c["target_accuracy"] == 0.99 and c["advice"] in r.stdout
+    assert "99% bin accuracy" in c["advice"]
+    for png in ("reliability.png", "coverage.png", "confusion.png"):
+        assert (tmp_path / "rep" / png).read_bytes()[:4] == b"\x89PNG"
+    r = smartbin("evaluate", "--model", str(out), "--data", str(root),
+                 "--target-accuracy", "1.5")
+    assert r.returncode == 2 and "--target-accuracy: expected a number" in r.stderr
 
 
 def test_bad_dataset_is_a_clear_error(tmp_path):

@@ -14,10 +14,10 @@ from bin_controller.errors import DatasetError
 from bin_controller.vision.bundle import Bundle
 from bin_controller.vision.classifier import Classifier, dequantize
 from bin_controller.vision.preprocess import load_image, prepare_image
+from training import calibration, plots
 from training.dataset import SPLITS, Sample, load_dataset, load_split
 from training.features import Progress
 from training.head import Dense, forward, softmax
-from training.plots import confusion_png
 
 SPLIT_FILE = "split.json"
 FLOAT_HEAD = "head_float.npz"
@@ -67,16 +67,20 @@ def _float_scores(classifier: Classifier, layers: list[Dense], pixels: np.ndarra
 
 def evaluate(bundle_ref: str | Path, data: Path, *, split: str = "test",
              out: Path | None = None, backbone: str | None = None, backend: str = "auto",
-             progress: bool | None = None) -> dict[str, Any]:
+             progress: bool | None = None,
+             target_accuracy: float = calibration.DEFAULT_TARGET_ACCURACY) -> dict[str, Any]:
+    if out is not None:
+        plots.require()
+    config = load_config(None)
     classifier = Classifier(bundle_ref, backend=backend, backbone=backbone, top_k=5,
-                            models_dir=load_config(None).model.dir)
+                            models_dir=config.model.dir)
     bundle = classifier.bundle
     samples = samples_for(bundle, Path(data), split)
     if not samples:
         raise DatasetError(f"{data}: no images in split {split!r}")
     layers = load_float_head(bundle.path) if len(classifier.stages) == 2 else None
     n_cls = len(bundle.labels)
-    truth, pred, top5, latency, agree, pred_bin = [], [], [], [], [], []
+    truth, pred, top5, latency, agree, pred_bin, probs = [], [], [], [], [], [], []
     bar = Progress(len(samples), "evaluate", enabled=progress)
     for s in samples:
         p = classifier.classify_file(s.path)
@@ -84,6 +88,7 @@ def evaluate(bundle_ref: str | Path, data: Path, *, split: str = "test",
         pred.append(p.index)
         pred_bin.append(BINS.index(p.bin))
         top5.append(s.label in np.argsort(-p.probabilities)[:5])
+        probs.append(p.probabilities)
         latency.append(p.latency_ms)
         if layers is not None:
             pixels = prepare_image(load_image(s.path), bundle.input)
@@ -111,6 +116,9 @@ def evaluate(bundle_ref: str | Path, data: Path, *, split: str = "test",
             "recall": round(tp / actual, 4) if actual else None,
         }
     lat = np.array(latency)
+    calib = calibration.summary(np.array(probs), truth_a, bin_of, target=target_accuracy)
+    calib["configured_threshold"] = config.model.confidence_threshold
+    calib["advice"] = calibration.advice(calib, config.model.confidence_threshold)
     report = {
         "model": bundle.name, "version": bundle.version, "backend": classifier.backend,
         "split": split, "n": len(samples),
@@ -121,6 +129,8 @@ def evaluate(bundle_ref: str | Path, data: Path, *, split: str = "test",
         # ... and, for comparison, the bin of the single most likely label.
         "bin_accuracy_top_label": round(float((bin_of[truth_a] == bin_of[pred_a]).mean()), 4),
         "int8_float_agreement": round(float(np.mean(agree)), 4) if agree else None,
+        # Expected calibration error of the top label's probability, and of the bin's.
+        "ece": calib["ece"], "bin_ece": calib["bin_ece"],
         "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2),
                        "p95": round(float(np.percentile(lat, 95)), 2),
                        "mean": round(float(lat.mean()), 2)},
@@ -128,6 +138,7 @@ def evaluate(bundle_ref: str | Path, data: Path, *, split: str = "test",
         "per_class": per_class,
         "bin_confusion": {"bins": list(BINS), "matrix": bin_conf.tolist()},
         "confusion": {"labels": bundle.label_names, "matrix": confusion.tolist()},
+        "calibration": calib,
     }
     if out is not None:
         write_report(report, Path(out), bundle)
@@ -140,10 +151,21 @@ def write_report(report: dict[str, Any], out: Path, bundle: Bundle,
     (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n",
                                      encoding="utf-8")
     names = [label.name_en or label.name for label in bundle.labels]
-    confusion_png(np.array(report["confusion"]["matrix"]), names, out / "confusion.png",
-                  f"{bundle.name} {bundle.version}: {report['split']} split, n={report['n']}")
-    confusion_png(np.array(report["bin_confusion"]["matrix"]), list(BINS),
-                  out / "bin_confusion.png", f"{bundle.name}: four bins")
+    where = f"{bundle.name} {bundle.version}, {report['split']} split (n={report['n']})"
+    plots.confusion_png(np.array(report["confusion"]["matrix"]), names, out / "confusion.png",
+                        f"{where}: confusion matrix")
+    plots.confusion_png(np.array(report["bin_confusion"]["matrix"]), list(BINS),
+                        out / "bin_confusion.png", f"{where}: four bins")
+    calib = report["calibration"]
+    plots.reliability_png({"top label": (calib["reliability"], calib["ece"]),
+                           "bin": (calib["bin_reliability"], calib["bin_ece"])},
+                          out / "reliability.png", f"{where}: reliability")
+    chosen = calib["threshold_for_target"]
+    plots.coverage_png(calib["coverage"], out / "coverage.png",
+                       f"{where}: accuracy against coverage",
+                       target=calib["target_accuracy"],
+                       chosen=chosen["threshold"] if chosen else None,
+                       current=calib["configured_threshold"])
     lines = [
         f"# Evaluation of {bundle.name} {bundle.version}",
         "",
@@ -161,6 +183,8 @@ def write_report(report: dict[str, Any], out: Path, bundle: Bundle,
            else "n/a") + " |",
         f"| latency per image p50 / p95 | {report['latency_ms']['p50']} / "
         f"{report['latency_ms']['p95']} ms |",
+        f"| expected calibration error, top label / bin | {report['ece']:.2%} / "
+        f"{report['bin_ece']:.2%} |",
         "",
         "| class | n | precision | recall |",
         "| --- | ---: | ---: | ---: |",
@@ -174,6 +198,38 @@ def write_report(report: dict[str, Any], out: Path, bundle: Bundle,
     for b, row in zip(BINS, report["bin_confusion"]["matrix"], strict=True):
         lines.append(f"| {b} | " + " | ".join(map(str, row)) + " |")
     lines += ["", "![confusion](confusion.png)", "![bins](bin_confusion.png)", ""]
+    lines += _calibration_md(calib)
     if extra_md:
         lines += [extra_md, ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+# Rows of the threshold table in report.md (the whole curve is in report.json).
+TABLE_THRESHOLDS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def _calibration_md(calib: dict[str, Any]) -> list[str]:
+    target = calib["target_accuracy"]
+    chosen = calib["threshold_for_target"]
+    rows = {calibration.at_threshold(calib["coverage"], t)["threshold"] for t in TABLE_THRESHOLDS}
+    rows.add(calibration.at_threshold(calib["coverage"], calib["configured_threshold"])
+             ["threshold"])
+    if chosen:
+        rows.add(chosen["threshold"])
+    lines = ["## Confidence and the fallback bin", "",
+             "The bin sends an item to the fallback bin when its bin probability (the sum over "
+             "the bin's labels) is below `model.confidence_threshold`. Expected calibration "
+             f"error: {calib['ece']:.2%} for the top label, {calib['bin_ece']:.2%} for the bin "
+             "(the mean gap between confidence and accuracy; 0 is perfectly calibrated).", "",
+             f"**{calib['advice']}**", "",
+             "| threshold | to the fallback bin | bin accuracy of the rest |",
+             "| ---: | ---: | ---: |"]
+    for row in calib["coverage"]:
+        if row["threshold"] in rows:
+            acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.2%}"
+            mark = " (target)" if chosen and row["threshold"] == chosen["threshold"] else ""
+            lines.append(f"| {row['threshold']:g}{mark} | {row['fallback_fraction']:.2%} | "
+                         f"{acc} |")
+    lines += ["", "![reliability](reliability.png)",
+              f"![accuracy against coverage, target {target:.0%}](coverage.png)", ""]
+    return lines

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from bin_controller.vision import tflite_format as tfl
-from training.head import Dense, forward
+from bin_controller.vision.backends import make_interpreter
+from bin_controller.vision.classifier import StageRunner, dequantize, quantize
+from training.head import Dense, forward, softmax
 
 
 def _range_quant(lo: float, hi: float) -> tuple[float, int]:
@@ -53,6 +55,20 @@ def export_head(
     g.ops.append(tfl.Op(tfl.SOFTMAX, [x], [probs], {"beta": 1.0}))
     g.outputs = [probs]
     return tfl.write_model(g, description)
+
+
+def int8_agreement(head: bytes, layers: list[Dense], features: np.ndarray) -> dict[str, float]:
+    """The exported head against the float layers on real-valued features: the share of
+    equal top-1 answers and the largest probability difference (the int8 softmax moves in
+    steps of 1/256)."""
+    _backend, interpreter = make_interpreter("auto", head, where="the exported head")
+    runner = StageRunner(interpreter, "the exported head")
+    x = np.asarray(features, np.float32)
+    int8 = np.stack([dequantize(runner.run(quantize(row[None], runner.input_quant)),
+                                runner.output_quant).reshape(-1) for row in x])
+    ref = softmax(forward(layers, x)[-1])
+    return {"top1_agreement": round(float((int8.argmax(1) == ref.argmax(1)).mean()), 4),
+            "max_prob_diff": round(float(np.abs(int8 - ref).max()), 4)}
 
 
 def pooling_backbone(size: int, grid: int) -> bytes:

@@ -32,6 +32,7 @@ from bin_controller.errors import SmartbinError
 from bin_controller.vision.bundle import InputSpec, write_manifest
 from bin_controller.vision.fetch import sha256_bytes
 from bin_controller.vision.preprocess import load_image, prepare_image
+from training.calibration import DEFAULT_TARGET_ACCURACY
 from training.dataset import Dataset, Sample, load_dataset
 from training.evaluate import SPLIT_FILE
 from training.train import finalize
@@ -353,7 +354,8 @@ def train_pair(tf: Any, data: Prepared, args: argparse.Namespace, *, arch: str,
     manifest["provenance"]["metrics"].update(int8_float_agreement=agreement,
                                              int8_float_max_prob_diff=prob_diff)
     write_manifest(out, manifest)
-    report = finalize(out, args.data, history=history)
+    report = finalize(out, args.data, history=history,
+                      target_accuracy=getattr(args, "target_accuracy", DEFAULT_TARGET_ACCURACY))
     print(f"{name}: float top-1 on test {top1['test'] or 0:.2%}; int8 bundle top-1 "
           f"{report['top1']:.2%}, bin accuracy {report['bin_accuracy']:.2%}; int8/float "
           f"agreement {agreement or 0:.2%}; {train_s:.0f} s training; wrote {out}",

@@ -19,9 +19,11 @@ from bin_controller.errors import SmartbinError
 from bin_controller.vision import tflite_format
 from bin_controller.vision.bundle import MANIFEST, load_bundle, write_manifest
 from bin_controller.vision.fetch import RemoteFile, cache_dir, fetch_bytes, resolve, sha256_bytes
+from training import plots
+from training.calibration import DEFAULT_TARGET_ACCURACY, Calibration, calibrate, view_ece
 from training.dataset import Dataset, load_dataset
 from training.evaluate import SPLIT_FILE, evaluate, save_float_head, write_report
-from training.export_head import export_head
+from training.export_head import export_head, int8_agreement
 from training.features import (
     DEPLOY_CROP,
     EVAL_VIEWS,
@@ -31,7 +33,6 @@ from training.features import (
     extract,
 )
 from training.head import Dense, ensemble, forward, softmax, train_head
-from training.plots import curves_png
 
 OFFICIAL_BACKBONE = RemoteFile(
     url="https://storage.googleapis.com/download.tensorflow.org/models/tflite_11_05_08/"
@@ -79,8 +80,9 @@ def _variant_scores(layers: list[Dense], x: np.ndarray, x_flip: np.ndarray | Non
 
 def train_features(data: Path, out: Path, *, bin_map: Path | None = None,
                    backbone: str | None = None, hyper: Hyper | None = None,
-                   search: bool = True,
+                   search: bool = True, target_accuracy: float = DEFAULT_TARGET_ACCURACY,
                    progress: bool | None = None, log=print) -> dict[str, Any]:
+    plots.require()
     hyper = hyper or Hyper()
     started = time.perf_counter()
     ds = load_dataset(data, seed=hyper.seed, bin_map=bin_map)
@@ -164,24 +166,49 @@ def train_features(data: Path, out: Path, *, bin_map: Path | None = None,
             result_layers, chosen, history = tta
     log(f"chosen: {chosen['variant']}")
 
+    # Calibrate before the export, so that the int8 softmax is the calibrated one.
+    deploy = chosen["deploy_view"]
+    flip = "full_flip" if deploy == "full" else "flip"
+    views = [deploy, flip] if chosen["test_time_flip"] else [deploy]
+    uncalibrated = result_layers
+    result_layers, calibration = calibrate(result_layers, [f_val[v] for v in views], y["val"])
+    # The test split says whether the temperature fitted on validation carries over.
+    test_ece = {"test_ece_float_before": view_ece(uncalibrated, [f_test[v] for v in views],
+                                                  y["test"]),
+                "test_ece_float_after": view_ece(result_layers, [f_test[v] for v in views],
+                                                 y["test"])}
+    log(f"calibration: temperature {calibration.temperature:.3f}; validation ECE "
+        f"{calibration.val_ece_before:.2%} -> {calibration.val_ece_after:.2%}, NLL "
+        f"{calibration.val_nll_before:.3f} -> {calibration.val_nll_after:.3f}; test ECE "
+        f"(float) {test_ece['test_ece_float_before']:.2%} -> "
+        f"{test_ece['test_ece_float_after']:.2%}")
+
     q = extractor.quant
     calib = np.concatenate([f_train[v][:256] for v in chosen["views"]])
     head = export_head(result_layers, calib, input_scale=q.scale,
                        input_zero_point=q.zero_point - 128 if q.dtype is np.uint8
                        else q.zero_point, description=f"smartbin head for {out.name}")
+    # T rescales the logits and so the int8 output range: check the export still follows.
+    check = int8_agreement(head, result_layers, f_val[deploy])
+    log(f"int8 head against the calibrated float head on validation: top-1 agreement "
+        f"{check['top1_agreement']:.2%}, largest probability difference "
+        f"{check['max_prob_diff']:.3f}")
     manifest = _manifest(out, ds, remote, head, chosen, hyper, variants, speed,
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, calibration,
+                         check | {k: round(v, 4) for k, v in test_ece.items()})
     out.mkdir(parents=True, exist_ok=True)
     (out / "head.tflite").write_bytes(head)
     save_float_head(out, result_layers)
     (out / SPLIT_FILE).write_text(json.dumps(ds.record(), ensure_ascii=False) + "\n",
                                   encoding="utf-8")
     write_manifest(out, manifest)
-    report = finalize(out, data, history=history, backbone=backbone, progress=progress)
+    report = finalize(out, data, history=history, backbone=backbone, progress=progress,
+                      target_accuracy=target_accuracy)
     log(f"int8 bundle on the test split: top-1 {report['top1']:.2%}, top-5 "
         f"{report['top5']:.2%}, bin accuracy {report['bin_accuracy']:.2%} (bin of the top "
         f"label: {report['bin_accuracy_top_label']:.2%}), int8/float agreement "
-        f"{report['int8_float_agreement']:.2%}")
+        f"{report['int8_float_agreement']:.2%}; ECE {report['ece']:.2%}")
+    log(report["calibration"]["advice"])
     log(f"benchmark: feature extraction {speed:.1f} images/s; head training "
         f"{chosen['train_seconds']:.1f} s; wrote {out}")
     return {"report": report, "variants": variants, "chosen": chosen,
@@ -189,9 +216,11 @@ def train_features(data: Path, out: Path, *, bin_map: Path | None = None,
 
 
 def finalize(out: Path, data: Path, *, history: list | None = None,
-             backbone: str | None = None, progress: bool | None = None) -> dict[str, Any]:
+             backbone: str | None = None, progress: bool | None = None,
+             target_accuracy: float = DEFAULT_TARGET_ACCURACY) -> dict[str, Any]:
     """Evaluate the written bundle on its test split; record the numbers and the report."""
-    report = evaluate(out, data, split="test", backbone=backbone, progress=progress)
+    report = evaluate(out, data, split="test", backbone=backbone, progress=progress,
+                      target_accuracy=target_accuracy)
     manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     metrics = manifest["provenance"]["metrics"]
     if report["int8_float_agreement"] is None:
@@ -199,15 +228,21 @@ def finalize(out: Path, data: Path, *, history: list | None = None,
     metrics.update(test_top1_int8=report["top1"], test_top5_int8=report["top5"],
                    test_bin_accuracy_int8=report["bin_accuracy"],
                    test_bin_accuracy_top_label_int8=report["bin_accuracy_top_label"],
-                   int8_float_agreement=report["int8_float_agreement"])
+                   int8_float_agreement=report["int8_float_agreement"],
+                   test_ece_int8=report["ece"], test_bin_ece_int8=report["bin_ece"])
+    if "calibration" in manifest["provenance"]:
+        # Measured on the int8 bundle as deployed, not on the float head.
+        manifest["provenance"]["calibration"].update(test_ece=report["ece"],
+                                                     test_bin_ece=report["bin_ece"])
     write_manifest(out, manifest)
     variants = manifest["provenance"]["variants"]
     chosen = next(v for v in variants if v["variant"] == manifest["provenance"]["chosen"])
     write_report(report, out / "report", load_bundle(out),
                  extra_md=_variants_md(variants, chosen))
     if history:
-        curves_png(history, out / "report" / "training.png",
-                   f"{manifest['name']}: {chosen['variant']}")
+        plots.curves_png(history, out / "report" / "training.png",
+                         f"{manifest['name']} {manifest['version']}: training, train and "
+                         f"validation splits ({chosen['variant']})")
     return report
 
 
@@ -223,7 +258,8 @@ def _variants_md(variants: list[dict[str, Any]], chosen: dict[str, Any]) -> str:
 
 
 def _manifest(out: Path, ds: Dataset, remote: RemoteFile, head: bytes, chosen: dict,
-              hyper: Hyper, variants: list, speed: float, seconds: float) -> dict[str, Any]:
+              hyper: Hyper, variants: list, speed: float, seconds: float,
+              calibration: Calibration, checks: dict[str, float]) -> dict[str, Any]:
     names_en: dict[str, str] = {}
     old = out / MANIFEST
     if old.is_file():  # keep hand-written English names (model/garbage120 has them)
@@ -264,6 +300,11 @@ def _manifest(out: Path, ds: Dataset, remote: RemoteFile, head: bytes, chosen: d
                                 "views": chosen["views"]},
             "variants": variants,
             "chosen": chosen["variant"],
+            "calibration": calibration.record() | {
+                "test_ece_float_before": checks["test_ece_float_before"],
+                "test_ece_float_after": checks["test_ece_float_after"],
+                "int8_val_top1_agreement": checks["top1_agreement"],
+                "int8_val_max_prob_diff": checks["max_prob_diff"]},
             "metrics": {"val_top1_float": chosen["val_top1"],
                         "test_top1_float": chosen["test_top1"]},
             "benchmark": {"feature_images_per_s": round(speed, 1) if speed == speed else None,
