@@ -598,7 +598,11 @@ def _fit_few_shot(features_by_view: Mapping[str, np.ndarray], labels: np.ndarray
             best = max(range(len(grid)), key=lambda i: (grid[i].pull or math.inf, -i))
             scheme += "; strongest pull: no photos of the base labels to check it on"
         chosen = grid[best]
-        temperature = fit_temperature(oof[chosen][scored], ys)
+        held_out = oof[chosen][scored]
+        # No mistakes held out: the NLL falls all the way to T -> 0, which says nothing about
+        # the mistakes new photos will bring. Soften if need be, never sharpen.
+        floor = 1.0 if (held_out.argmax(1) == ys).all() else 0.05
+        temperature = fit_temperature(held_out, ys, bounds=(floor, 20.0))
         probs = softmax(oof[chosen][scored] / temperature)
         cv_top1, cv_ece = rows[best]["top1"], expected_calibration_error(probs, ys)
         calibrated = True
