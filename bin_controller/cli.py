@@ -118,6 +118,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "(else $SMARTBIN_BACKBONE, the cache, or a download)")
 
 
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    """--config and --state-dir, for commands that read the bin's state folder."""
+    p.add_argument("--config", default=None, type=name_or_path, help="TOML configuration file")
+    p.add_argument("--state-dir", type=path_arg, help="override bin.state_dir")
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     from bin_controller.config import load_config
     from bin_controller.vision.classifier import Classifier
@@ -228,9 +234,7 @@ def _add_review_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
              "export": "reviewed photos as class folders that smartbin train reads"}
     for name, helptext in helps.items():
         c = review_sub.add_parser(name, help=helptext)
-        c.add_argument("--config", default=None, type=name_or_path,
-                       help="TOML configuration file")
-        c.add_argument("--state-dir", type=path_arg, help="override bin.state_dir")
+        _add_config_options(c)
         c.set_defaults(func=cmd_review)
         if name == "list":
             c.add_argument("--uncertain", action="store_true", help="only uncertain items "
@@ -354,9 +358,7 @@ def _add_teach_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                            ("list", "bundles in the models folder and their versions"),
                            ("rollback", "go back to the version installed before")):
         c = models_sub.add_parser(name, help=helptext)
-        c.add_argument("--config", default=None, type=name_or_path,
-                       help="TOML configuration file")
-        c.add_argument("--state-dir", type=path_arg, help="override bin.state_dir")
+        _add_config_options(c)
         c.set_defaults(func=cmd_models)
         if name == "install":
             c.add_argument("bundle", type=path_arg, metavar="BUNDLE_DIR")

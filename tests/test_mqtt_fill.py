@@ -54,7 +54,6 @@ class FillBin:
         assert self.telemetry.subscribed.wait(10)
         self._seed = 0
         self.requester: Requester | None = None
-        self._sent: dict[str, int] = {}
 
     def drop_until_full(self) -> str:
         """Drop items one at a time until a compartment is full; that compartment."""
@@ -70,11 +69,7 @@ class FillBin:
     def cmd(self, name: str, payload: bytes) -> dict:
         if self.requester is None:
             self.requester = Requester(self.port)
-        self.requester.send(name, payload)
-        self._sent[name] = self._sent.get(name, 0) + 1
-        reply = self.requester.reply(name, self._sent[name])
-        assert reply is not None, f"no reply to {name}"
-        return json.loads(reply)
+        return self.requester.request(name, payload)
 
     def close(self) -> None:
         if self.requester is not None:

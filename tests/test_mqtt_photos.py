@@ -52,7 +52,6 @@ class PhotoBin:
         assert self.telemetry.subscribed.wait(10)  # commands and pictures go out from now
         self._seed = 0
         self.requester: Requester | None = None
-        self._sent: dict[str, int] = {}
 
     def drop(self, n: int) -> None:
         self._seed += 1
@@ -64,11 +63,7 @@ class PhotoBin:
         """Send a command and wait for its reply (commands are answered in order)."""
         if self.requester is None:
             self.requester = Requester(self.port)
-        self.requester.send(name, raw if raw is not None else json.dumps(args).encode())
-        self._sent[name] = self._sent.get(name, 0) + 1
-        reply = self.requester.reply(name, self._sent[name])
-        assert reply is not None, f"no reply to {name}"
-        return json.loads(reply)
+        return self.requester.request(name, raw if raw is not None else json.dumps(args).encode())
 
     def close(self) -> None:
         if self.requester is not None:
@@ -83,6 +78,7 @@ class Requester:
     def __init__(self, port: int) -> None:
         self.listener = Listener(port, topic=f"{BASE}/reply/#",
                                  client_id=f"requester-{id(self)}")
+        self._sent: dict[str, int] = {}
         # Subscribed once its own probe comes back: no reply can be missed after that.
         probe = f"{BASE}/reply/probe"
         for _ in range(100):
@@ -103,6 +99,14 @@ class Requester:
                                       timeout=timeout):
             return None
         return self.listener.payloads(topic)[count - 1]
+
+    def request(self, name: str, payload: bytes) -> dict:
+        """Send a command and wait for its reply (commands are answered in order)."""
+        self.send(name, payload)
+        self._sent[name] = self._sent.get(name, 0) + 1
+        reply = self.reply(name, self._sent[name])
+        assert reply is not None, f"no reply to {name}"
+        return json.loads(reply)
 
     def close(self) -> None:
         self.listener.close()
