@@ -146,7 +146,6 @@ class Dashboard:
                 refused = self._refused(request, session)
                 if refused is not None:
                     return refused
-            request["session"] = session
             response = await handler(request)
         _headers(response)
         return response
@@ -218,7 +217,8 @@ class Dashboard:
         return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-store"})
 
     async def session_info(self, request: web.Request) -> web.Response:
-        session: Session = request["session"]
+        session = self.auth.session(request.cookies.get(SESSION_COOKIE))
+        assert session is not None  # the guard let the request in
         return web.json_response({"role": session.role, "csrf": session.csrf,
                                   "prefix": self.fleet.prefix, "bins": list(BINS),
                                   "mqtt": self.bridge is not None and self.bridge.connected})
