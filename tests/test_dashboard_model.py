@@ -246,3 +246,23 @@ def test_hub_sends_each_item_once_and_writes_the_history(tmp_path):
     assert kinds == [b"event: item", b"event: bin"]
     data = json.loads(messages[0].split(b"data: ", 1)[1])
     assert (data["bin"], data["seq"]) == ("b1", 4)
+
+
+def test_pages_hear_when_the_broker_goes_and_comes_back(tmp_path):
+    async def scenario() -> list[bytes]:
+        hub = Hub(Fleet(P), History(tmp_path / "h.db"))
+        client = Client(None, token="t1")
+        hub.clients.add(client)
+        hub.broker_state(True)
+        hub.broker_state(False)
+        hub.end_session("t1")  # a logout ends that session's streams
+        out = []
+        while not client.queue.empty():
+            out.append(client.queue.get_nowait())
+        assert client.behind
+        return out
+
+    messages = asyncio.run(scenario())
+    assert messages[:2] == [b'event: broker\ndata: {"connected": true}\n\n',
+                            b'event: broker\ndata: {"connected": false}\n\n']
+    assert messages[2] is None

@@ -361,7 +361,7 @@ def test_a_command_while_the_broker_is_away_is_refused_at_once():
 # ---------------------------------------------------------------------- the command
 
 
-def test_no_password_is_one_line_and_exit_2(tmp_path):
+def test_no_password_or_a_bad_option_is_one_line_and_exit_2(tmp_path):
     r = smartbin("dashboard", "--mqtt", "127.0.0.1:1", "--history", str(tmp_path / "h.db"),
                  env={"CREDENTIALS_DIRECTORY": str(tmp_path)})
     assert r.returncode == 2
@@ -375,6 +375,15 @@ def test_no_password_is_one_line_and_exit_2(tmp_path):
     r = smartbin("dashboard", "--mqtt", "127.0.0.1:1", "--password-file",
                  str(tmp_path / "empty"), "--listen", "localhost")
     assert r.returncode == 2 and "--listen 'localhost'" in r.stderr
+    (tmp_path / "pw").write_text("secret\n")
+    for args, words in ((["--history", str(tmp_path)], "--history"),
+                        (["--tls", "--ca-file", str(tmp_path / "nope.pem")], "--ca-file"),
+                        (["--prefix", "a/b"], "--prefix"),
+                        (["--viewer-password-file", str(tmp_path / "pw")], "same as")):
+        r = smartbin("dashboard", "--mqtt", "127.0.0.1:1", "--password-file",
+                     str(tmp_path / "pw"), "--listen", "127.0.0.1:0", *args)
+        assert r.returncode == 2 and words in r.stderr, (args, r.stderr)
+        assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
 
 
 def test_the_credential_and_the_state_directory_are_used(tmp_path, broker):
