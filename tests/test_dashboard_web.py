@@ -453,3 +453,17 @@ def test_a_restarted_dashboard_keeps_its_history(tmp_path, broker, demo):
             assert second.stop() == 0
     finally:
         sim.close()
+
+
+@pytest.mark.parametrize("option", ["--password-file", "--viewer-password-file", "--history",
+                                    "--mqtt-password-file", "--ca-file", "--cert-file",
+                                    "--key-file"])
+def test_nul_in_a_file_option_is_one_line(capsys, option):
+    from bin_controller.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["dashboard", "--mqtt", "127.0.0.1", option, "a\0b"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: the path 'a\\x00b' must not contain a NUL character" in err
+    assert "Traceback" not in err
