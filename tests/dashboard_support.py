@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from bin_controller.config import config_from_dict
-from hardware_sim.simulate import Simulation, sim_config
+from hardware_sim.simulate import Faults, Simulation, sim_config
 from hardware_sim.sources import GeneratedSource
 from tests.broker import Listener
 
@@ -43,9 +43,9 @@ class SimBin:
         assert self.telemetry.subscribed.wait(10)
         self._seed = seed * 1000
 
-    def drop(self, n: int) -> None:
+    def drop(self, n: int, faults: Faults | None = None) -> None:
         self._seed += 1
-        result = self.simulation.drop(GeneratedSource(self._seed).items(n))
+        result = self.simulation.drop(GeneratedSource(self._seed).items(n), faults=faults)
         assert not result.timed_out
         assert self.photos.flush()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bin_controller.sitelog import SITELOG_NAME
+from hardware_sim.simulate import Faults
 from tests.broker import Broker, mosquitto_binary
 from tests.conftest import REPO
 from tests.dashboard_support import (
@@ -76,7 +77,8 @@ def world(tmp_path_factory, demo):
         dashboard = DashboardProcess(tmp / "dashboard", broker.port)
         for i, bin_id in enumerate(BINS):
             bins[bin_id] = SimBin(broker.port, demo, tmp / f"state{i}", bin_id, seed=i + 1)
-            bins[bin_id].drop(6 + 4 * i)
+            # bin-a's third item jams the chute: a fault for the fault log.
+            bins[bin_id].drop(6 + 4 * i, Faults(jam={3}) if i == 0 else None)
         yield {"broker": broker, "bins": bins, "dashboard": dashboard, "tmp": tmp}
     finally:
         if dashboard is not None:
@@ -208,6 +210,9 @@ def test_a_review_label_set_in_the_page_reaches_the_bin(browser, world):
                            arg=img.element_handle(), timeout=WAIT_MS)
     page.wait_for_function("() => document.querySelector('#chart-hours canvas')",
                            timeout=WAIT_MS)
+    # The jam is in the fault log (from the dashboard's history) and in the state's counts.
+    assert page.locator("#faults tbody tr", has_text="jam").count() >= 1
+    assert "jam 1" in page.inner_text("#fault-counts")
     page.wait_for_timeout(3500)  # the charts redraw a few seconds after a change
     shot(page, "dashboard-bin.png", world["tmp"])
     # The fleet page shows the new contamination figure too.
