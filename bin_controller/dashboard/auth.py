@@ -113,9 +113,14 @@ class Auth:
             self.sessions.pop(token, None)
 
 
-def csrf_ok(session: Session, given: str | None) -> bool:
+def tokens_match(expected: str, given: str | None) -> bool:
+    """A token sent back (CSRF), compared in constant time."""
     return given is not None and hmac.compare_digest(given.encode("utf-8", "replace"),
-                                                     session.csrf.encode("ascii"))
+                                                     expected.encode("utf-8"))
+
+
+def csrf_ok(session: Session, given: str | None) -> bool:
+    return tokens_match(session.csrf, given)
 
 
 def new_token() -> str:

@@ -14,7 +14,6 @@ import json
 import logging
 import secrets
 from collections.abc import Callable
-from typing import Any
 
 from bin_controller.errors import SmartbinError
 from bin_controller.mqtt.commands import TIME_LIMIT_S, TIME_LIMITS_S
@@ -149,7 +148,3 @@ class Bridge:
             if self._photos.get(key) is future:
                 del self._photos[key]
 
-
-def describe(reply: dict[str, Any]) -> str:
-    """A reply as one line for a log."""
-    return "ok" if reply.get("ok") is True else f"error: {reply.get('error')}"

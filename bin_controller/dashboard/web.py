@@ -13,6 +13,7 @@ import contextlib
 import html
 import json
 import logging
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,9 +23,9 @@ from typing import Any
 from aiohttp import web
 
 from bin_controller.bins import BINS
-from bin_controller.dashboard.auth import ADMIN, Auth, Session, csrf_ok, new_token
+from bin_controller.dashboard.auth import ADMIN, Auth, Session, csrf_ok, new_token, tokens_match
 from bin_controller.dashboard.bridge import Bridge, BridgeError
-from bin_controller.dashboard.fleet import Fleet, bin_id_ok
+from bin_controller.dashboard.fleet import Fleet
 from bin_controller.dashboard.history import MAX_HOURS, History
 from bin_controller.payloads import MAX_JSON_BYTES, JsonObject, parse_json
 
@@ -195,7 +196,7 @@ class Dashboard:
         given = form.get("csrf")
         expected = request.cookies.get(LOGIN_COOKIE)
         if not _same_origin(request) or not isinstance(given, str) or not expected \
-                or not csrf_ok(_token_holder(expected), given):
+                or not tokens_match(expected, given):
             return await self.login_page(request, status=403, message=(
                 "The login form was stale or came from another site; try again."))
         address = request.remote or "?"
@@ -501,13 +502,7 @@ def _local(path: str) -> str:
 
 
 def _quote(path: str) -> str:
-    from urllib.parse import quote
-
-    return quote(path, safe="/")
-
-
-def _token_holder(token: str) -> Session:
-    return Session(token="", role="", csrf=token, created=0.0, seen=0.0)
+    return urllib.parse.quote(path, safe="/")
 
 
 def make_app(dashboard: Dashboard) -> web.Application:
@@ -556,5 +551,3 @@ LOGIN_HTML = """<!doctype html>
 </form>
 </body></html>
 """
-
-__all__ = ["Dashboard", "Hub", "bin_id_ok", "make_app"]
