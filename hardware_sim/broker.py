@@ -40,8 +40,12 @@ class Broker:
     """mosquitto listening on 127.0.0.1:`port`, its files (config, persistence, log) in
     `folder`."""
 
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    def __init__(self, folder: Path, port: int | None = None, *,
+                 own_session: bool = False) -> None:
         self.folder = Path(folder)
+        # own_session: out of the terminal's process group, so that a Ctrl-C reaches only
+        # the program that started it, which stops the broker last (`smartbin demo`).
+        self.own_session = own_session
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.conf = self.folder / "mosquitto.conf"
@@ -58,7 +62,8 @@ class Broker:
     def start(self) -> None:
         with open(self.folder / "broker.log", "ab") as log_file:
             self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
-                                         stdout=subprocess.DEVNULL, stderr=log_file)
+                                         stdout=subprocess.DEVNULL, stderr=log_file,
+                                         start_new_session=self.own_session)
         end = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < end:
             if self.proc.poll() is not None:

@@ -314,6 +314,12 @@ def register(tables: CommandTables) -> None:
     p = tables.commands.add_parser("simulate", help="run the whole bin on simulated hardware")
     add_arguments(p)
     p.set_defaults(func=_simulate)
+    from hardware_sim.demo import add_arguments as add_demo_arguments
+
+    d = tables.commands.add_parser("demo", help="the laptop demo: a local broker, simulated "
+                                   "bins and the web dashboard; Ctrl-C stops it all")
+    add_demo_arguments(d)
+    d.set_defaults(func=_demo)
     b = tables.bench.add_parser("cycle", help="sensor edge to servo command and to the item "
                                 "counted (SQLite store, photo log), fast simulator")
     tables.add_model_options(b)
@@ -344,6 +350,13 @@ def register(tables: CommandTables) -> None:
 def _simulate(args: argparse.Namespace) -> int:
     configure_logging(False)
     return run(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from hardware_sim.demo import run_demo
+
+    configure_logging(False)
+    return run_demo(args)
 
 
 def _bench_cycle(args: argparse.Namespace) -> int:
