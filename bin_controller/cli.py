@@ -207,6 +207,18 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return monitor.run(args)
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    try:
+        from bin_controller.dashboard import command
+    except ModuleNotFoundError as exc:
+        if exc.name != "aiohttp":
+            raise
+        raise SmartbinError("smartbin dashboard needs aiohttp: pip install "
+                            "'smartbin[dashboard]'") from None
+
+    return command.run(args)
+
+
 def cmd_review(args: argparse.Namespace) -> int:
     from bin_controller.tools import review_cmd
 
@@ -218,6 +230,13 @@ def seqs_arg(text: str) -> list[int]:
     from bin_controller.tools.review_cmd import parse_seqs
 
     return parse_seqs(text)
+
+
+def _add_dashboard_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # The options live beside the command; aiohttp is imported only when it runs.
+    from bin_controller.dashboard.options import add_parser
+
+    add_parser(sub).set_defaults(func=cmd_dashboard)
 
 
 def _add_review_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -447,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=number(0), default=0,
                    help="stop after this long (0: never)")
     p.set_defaults(func=cmd_monitor)
+
+    _add_dashboard_parser(sub)
 
     _add_review_parser(sub)
 
