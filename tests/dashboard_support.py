@@ -31,6 +31,7 @@ class SimBin:
     def __init__(self, port: int, demo, state: Path, bin_id: str, *, seed: int = 0) -> None:
         self.bin_id = bin_id
         self.port = port
+        self.state = state
         cfg = sim_config(config_from_dict({
             "bin": {"id": bin_id, "state_dir": str(state)},
             "photos": {"thumbnail_px": 96},

@@ -46,7 +46,9 @@ STATES = ("idle", "settling", "capturing", "classifying", "sorting", "clearing",
 STATS_FIELDS = ("uptime_s", "cycle_ms_p50", "cycle_ms_p95", "items_per_hour", "outbox",
                 "cpu_temperature_c", "photos_mb", "version")
 
-Update = tuple[str, dict[str, Any]]  # (kind: bin, item, fault, image; JSON for the pages)
+# (kind, JSON for the pages): ("bin", its snapshot), ("item", {bin: bin id, seq, time,
+# item: the item}), ("fault", {bin: bin id, kind, detail, time})
+Update = tuple[str, dict[str, Any]]
 
 
 # ---------------------------------------------------------------------- field checks
@@ -232,7 +234,8 @@ class Fleet:
             if view.last is None or view.last["seq"] is None or shown["seq"] >= view.last["seq"]:
                 view.last = shown
             if kind == EVENT:
-                out.append(("item", {"bin": view.bin_id, **shown}))
+                out.append(("item", {"bin": view.bin_id, "seq": shown["seq"],
+                                     "time": shown["time"], "item": shown}))
         elif kind == STATS:
             view.stats = {k: (text(data.get(k)) if k == "version" else real(data.get(k)))
                           for k in STATS_FIELDS}

@@ -50,7 +50,8 @@ class History:
         except (OSError, sqlite3.Error) as exc:
             raise SmartbinError(f"--history {path}: cannot open the dashboard's history "
                                 f"database: {exc}; give another file with --history") from exc
-        self._last_sample: dict[str, tuple[float, float | None]] = {}
+        # bin id -> (rowid, time, rate) of its newest sample written by this run
+        self._last_sample: dict[str, tuple[int, float, float | None]] = {}
         self._prune()
 
     def close(self) -> None:
@@ -83,18 +84,25 @@ class History:
         return cur.rowcount == 1
 
     def add_sample(self, bin_id: str, contamination: dict[str, Any] | None) -> bool:
-        """The bin's contamination rate now: stored when it changed, at most once a
-        minute."""
+        """The bin's contamination rate now, when it changed: at most one row a minute per
+        bin (a change within the minute updates that minute's row, so the newest value is
+        always kept)."""
         if contamination is None:
             return False
         rate = contamination.get("rate")
+        reviewed = contamination.get("reviewed_fraction")
         now = self.clock()
         last = self._last_sample.get(bin_id)
-        if last is not None and (last[1] == rate or now - last[0] < SAMPLE_EVERY_S):
+        if last is not None and last[2] == rate:
             return False
-        self._last_sample[bin_id] = (now, rate)
-        self.db.execute("INSERT INTO samples VALUES (?, ?, ?, ?)",
-                        (bin_id, now, rate, contamination.get("reviewed_fraction")))
+        if last is not None and now - last[1] < SAMPLE_EVERY_S:
+            self.db.execute("UPDATE samples SET contamination = ?, reviewed_fraction = ? "
+                            "WHERE rowid = ?", (rate, reviewed, last[0]))
+            self._last_sample[bin_id] = (last[0], last[1], rate)
+            return True
+        cur = self.db.execute("INSERT INTO samples VALUES (?, ?, ?, ?)",
+                              (bin_id, now, rate, reviewed))
+        self._last_sample[bin_id] = (int(cur.lastrowid or 0), now, rate)
         return True
 
     # ------------------------------------------------------------------ charts

@@ -56,7 +56,7 @@ class BadRequest(Exception):
 # ---------------------------------------------------------------------- live stream
 
 
-@dataclass
+@dataclass(eq=False)  # each page's stream is its own, kept in a set
 class Client:
     bin_id: str | None  # None: the whole fleet
     queue: asyncio.Queue[bytes | None] = field(
@@ -81,7 +81,7 @@ class Hub:
     def on_message(self, topic: str, payload: bytes) -> None:
         for kind, data in self.fleet.take(topic, payload):
             if kind == "item":
-                if self.history.add_event(data["bin"], data):
+                if self.history.add_event(data["bin"], data["item"]):
                     self._send(data["bin"], sse("item", data))
             elif kind == "fault":
                 if self.history.add_fault(data["bin"], data):
@@ -523,6 +523,7 @@ LOGIN_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>smartbin · log in</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="/static/app.css"></head>
 <body class="login">
 <form class="login-box" method="post" action="/login">

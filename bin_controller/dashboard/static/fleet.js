@@ -40,14 +40,16 @@ function stateCell(view) {
 
 function fillCell(view) {
   if (!view.fill) return el("td", { class: "muted", text: "–" });
-  const rows = SB.BINS.filter((b) => view.fill[b]).map((b) => {
+  // One small upright gauge per compartment; the number is in its tooltip.
+  const gauges = SB.BINS.filter((b) => view.fill[b]).map((b) => {
     const f = view.fill[b];
-    const width = f.pct === null ? 0 : Math.min(100, f.pct);
-    return el("div", { title: `${b}: ${f.pct === null ? "?" : f.pct.toFixed(0) + " %"} ${f.state || ""}` },
-      el("span", { class: "fillbar" }, el("span", { class: "bg-" + b, style: { width: width + "%" } })),
-      f.pct === null ? "?" : f.pct.toFixed(0) + " %");
+    const height = f.pct === null ? 0 : Math.min(100, f.pct);
+    return el("span", { class: "gauge" + (f.state === "full" ? " full" : ""),
+      title: `${b}: ${f.pct === null ? "?" : f.pct.toFixed(0) + " %"}${f.state ? " (" + f.state + ")" : ""}` },
+    el("span", { class: "bg-" + b, style: { height: height + "%" } }));
   });
-  return el("td", {}, el("div", { class: "fills" }, rows));
+  const most = Math.max(...SB.BINS.filter((b) => view.fill[b] && view.fill[b].pct !== null).map((b) => view.fill[b].pct), 0);
+  return el("td", { class: "fill" }, el("span", { class: "gauges" }, gauges), el("span", { class: "small muted", text: most.toFixed(0) + " %" }));
 }
 
 function row(view) {
@@ -60,11 +62,11 @@ function row(view) {
     el("td", { class: "bin-id" }, link),
     el("td", {}, onlineBadge(view.online)),
     stateCell(view),
-    el("td", { class: "small" }, (state.model || "?") + (state.model_version ? " v" + state.model_version : "")),
+    el("td", { class: "small nowrap" }, (state.model || "?") + (state.model_version ? " v" + state.model_version : "")),
     ...SB.BINS.map((b) => el("td", { class: "num count-" + b, text: num(counts[b]) })),
     el("td", { class: "num count-total", text: num(counts.total) }),
     el("td", { class: "num contamination", text: view.contamination ? pct(view.contamination.rate) : "–" }),
-    el("td", { class: "small" }, last ? [binDot(last.bin), itemName(last), el("div", { class: "muted", text: ago(last.time) })] : "–"),
+    el("td", { class: "small nowrap" }, last ? [binDot(last.bin), itemName(last), el("div", { class: "muted", text: ago(last.time) })] : "–"),
     fillCell(view),
     el("td", { class: "num" + (faults ? " c-hazardous" : ""), title: state.last_fault || "", text: String(faults) }));
 }
@@ -107,9 +109,9 @@ startSession().then(() => {
   stream("", {
     fleet: (data) => { bins.clear(); for (const v of data.bins) bins.set(v.id, v); render(); },
     bin: (view) => { bins.set(view.id, view); later(); },
-    item: (item) => {
-      const view = bins.get(item.bin);
-      if (view && (!view.last || view.last.seq === null || item.seq >= view.last.seq)) { view.last = item; later(); }
+    item: (event) => {
+      const view = bins.get(event.bin);
+      if (view && (!view.last || view.last.seq === null || event.seq >= view.last.seq)) { view.last = event.item; later(); }
     },
   });
 });
