@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -320,6 +319,7 @@ def _print(r: dict[str, Any]) -> None:
     kb = r["page_bytes"] / 1024
     print(f"fleet page load  {kb:.1f} KB in {r['page_responses']} responses   (goal < "
           f"{GOAL_PAGE_KB:.0f} KB: {'met' if kb < GOAL_PAGE_KB else 'NOT met'})")
+    target = r["bins"] * r["rate_per_bin"]
     print(f"the bins' CPU    {r['bins_cpu_pct']:.0f} % of one core in all "
-          f"({os.cpu_count()} cores)", flush=True)
-    sys.stdout.flush()
+          f"({os.cpu_count()} cores); they published {r['items_per_s'] / target:.0%} of the "
+          f"{target:g} items/s asked for", flush=True)

@@ -107,9 +107,13 @@ fi
 # systemd hands the password to the service as a credential; empty means none.
 [ -f "$ETC/mqtt_password" ] || install -m 0600 -o "$OWNER" -g "$(id -gn "$OWNER")" /dev/null \
   "$ETC/mqtt_password"
-# The dashboard's login password, also a credential; empty until the owner sets one.
-[ -f "$ETC/dashboard_password" ] || install -m 0600 -o "$OWNER" -g "$(id -gn "$OWNER")" \
-  /dev/null "$ETC/dashboard_password"
+# The dashboard's login password, also a credential: a random one on first install (the
+# dashboard refuses an empty file); the owner may write their own into it.
+if [ ! -f "$ETC/dashboard_password" ]; then
+  install -m 0600 -o "$OWNER" -g "$(id -gn "$OWNER")" /dev/null "$ETC/dashboard_password"
+  "$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(12))' > "$ETC/dashboard_password"
+  say "wrote a random dashboard password into $ETC/dashboard_password"
+fi
 install -d -m 0755 "$(dirname "$UNIT")"
 install -m 0644 "$SRC/systemd/smartbin.service" "$UNIT"
 # The dashboard is optional (it may run on a laptop or a server instead): installed, not
@@ -120,5 +124,5 @@ ctl enable --now smartbin.service
 ctl restart smartbin.service
 ctl try-restart smartbin-dashboard.service
 say "installed; 'systemctl status smartbin' and 'journalctl -u smartbin -f' show it working"
-say "web dashboard (not enabled): write its password into $ETC/dashboard_password, then"
-say "  'sudo systemctl enable --now smartbin-dashboard' serves it on http://127.0.0.1:8080/"
+say "web dashboard (not enabled): 'sudo systemctl enable --now smartbin-dashboard' serves"
+say "  it on http://127.0.0.1:8080/; the password is in $ETC/dashboard_password"

@@ -184,17 +184,20 @@ def test_install_script_is_idempotent(tmp_path):
     assert r.returncode == 0, r.stderr
     config = tmp_path / "etc" / "smartbin" / "config.toml"
     assert config.read_text() == (REPO / "systemd" / "config.example.toml").read_text()
+    # The dashboard gets a random password of its own on the first install, kept after.
+    password = tmp_path / "etc/smartbin/dashboard_password"
+    assert password.stat().st_mode & 0o077 == 0 and len(password.read_text().strip()) >= 12
+    first_password = password.read_text()
     config.write_text('[bin]\nid = "corner-7"\n')
     r = subprocess.run(["bash", str(script), *opts], capture_output=True, text=True)
     assert r.returncode == 0 and "kept" in r.stdout
     assert config.read_text() == '[bin]\nid = "corner-7"\n'
+    assert password.read_text() == first_password  # an upgrade keeps the owner's password
     assert (tmp_path / "etc/systemd/system/smartbin.service").read_text() == UNIT.read_text()
     # The dashboard's unit is installed but left disabled; the output says how to enable it.
     dashboard = tmp_path / "etc/systemd/system/smartbin-dashboard.service"
     assert dashboard.read_text() == DASHBOARD_UNIT.read_text()
     assert "systemctl enable --now smartbin-dashboard" in r.stdout
-    password = tmp_path / "etc/smartbin/dashboard_password"
-    assert password.is_file() and password.stat().st_mode & 0o077 == 0
     # The service runs from the venv alone: no copy of the source tree is left behind.
     assert (tmp_path / "opt/smartbin/README.md").is_file()
     assert not (tmp_path / "opt/smartbin/src").exists()
