@@ -165,3 +165,45 @@ def test_demo_options_are_checked():
     assert r.returncode == 2 and "--bins" in r.stderr and "Traceback" not in r.stderr
     r = smartbin("demo", "--seconds", "0")
     assert r.returncode == 2 and "--seconds" in r.stderr
+
+
+def test_the_simulated_person_drops_photos_from_a_folder(tmp_path):
+    """$SMARTBIN_SIM_IMAGES: the demo's TrashNet bin. Only batteries in the folder: every
+    item the service sorts is a battery (generated items would be of eight kinds)."""
+    import numpy as np
+    from PIL import Image
+
+    from hardware_sim import items
+
+    battery = next(k for k in items.KINDS if k.name_en == "battery")
+    folder = tmp_path / "photos" / battery.name  # 有害垃圾_电池: the bin from its prefix
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    for i in range(4):
+        Image.fromarray(items.render(battery, rng)).save(folder / f"{i}.png")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bin_controller", "run", "--simulate", "--sim-fast",
+         "--sim-interval", "0.2", "--state-dir", str(tmp_path / "state"), "--verbose"],
+        cwd=REPO, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "SMARTBIN_SIM_IMAGES": str(tmp_path / "photos")})
+    sorted_lines: list[str] = []
+    try:
+        for line in proc.stderr:
+            if "sorted #" in line:
+                sorted_lines.append(line)
+                if len(sorted_lines) == 5:
+                    break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert len(sorted_lines) == 5
+    assert all("battery -> hazardous" in line for line in sorted_lines), sorted_lines
+
+
+def test_a_missing_photo_folder_is_one_error_line(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "bin_controller", "run", "--simulate", "--state-dir",
+         str(tmp_path / "state")], cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "SMARTBIN_SIM_IMAGES": str(tmp_path / "nothing")})
+    assert r.returncode == 2 and "nothing: no such folder" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
