@@ -236,7 +236,7 @@ def _add_dashboard_parser(sub: argparse._SubParsersAction[argparse.ArgumentParse
     # The options live beside the command; aiohttp is imported only when it runs.
     from bin_controller.dashboard.options import add_parser
 
-    add_parser(sub).set_defaults(func=cmd_dashboard)
+    add_parser(sub, path=name_or_path).set_defaults(func=cmd_dashboard)
 
 
 def _add_review_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

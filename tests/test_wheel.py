@@ -114,6 +114,12 @@ def test_wheel_ships_the_bundles_and_every_module(wheel, source):
                for p in (source / pkg).rglob("*.py")}
     assert modules <= names, f"not in the wheel (pyproject.toml packages): " \
                              f"{sorted(modules - names)}"
+    # The dashboard serves its pages and the vendored chart library from the package.
+    static = {p.relative_to(source).as_posix()
+              for p in (source / "bin_controller" / "dashboard" / "static").rglob("*")
+              if p.is_file()}
+    assert "bin_controller/dashboard/static/vendor/uplot/LICENSE" in static
+    assert static <= names, f"not in the wheel (package-data): {sorted(static - names)}"
 
 
 def test_installed_program_runs_from_the_wheel(smartbin, elsewhere):

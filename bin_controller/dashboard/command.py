@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -75,6 +76,13 @@ async def serve(mqtt: MqttSection, listen: tuple[str, int], auth: Auth,
     connection = Connection(mqtt, client_id=f"smartbin-dashboard-{socket.gethostname()}-"
                                             f"{os.getpid()}")
     bridge = Bridge(connection, mqtt.prefix, on_message=hub.on_message)
+
+    def broker_state(connected: bool) -> None:  # on paho's thread
+        with contextlib.suppress(RuntimeError):  # the loop already closed: stopping
+            loop.call_soon_threadsafe(hub.broker_state, connected)
+
+    connection.on_connect(lambda: broker_state(True))
+    connection.on_disconnect(lambda: broker_state(False))
     app = make_app(Dashboard(fleet=fleet, history=history, auth=auth, bridge=bridge, hub=hub))
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_S)
     await runner.setup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from bin_controller.errors import ConfigError, SmartbinError
@@ -15,29 +16,32 @@ VIEWER_CREDENTIAL = "dashboard_viewer_password"
 HISTORY_NAME = "dashboard.db"
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], *,
+               path: Callable[[str], str]) -> argparse.ArgumentParser:
+    """The subcommand's parser; `path` checks a file option (the CLI's: no NUL, not too
+    long)."""
     p = sub.add_parser("dashboard", help="web dashboard of every bin under the prefix (MQTT)")
     p.add_argument("--mqtt", required=True, metavar="HOST[:PORT]", help="the MQTT broker")
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="ADDR:PORT",
                    help=f"where to serve the pages (default {DEFAULT_LISTEN}; port 0: a free "
                         "port)")
     p.add_argument("--prefix", default="smartbin", help="topic prefix of the bins")
-    p.add_argument("--password-file", default=None, metavar="FILE",
+    p.add_argument("--password-file", type=path, default=None, metavar="FILE",
                    help="the login password (default: the systemd credential "
                         f"{PASSWORD_CREDENTIAL})")
-    p.add_argument("--viewer-password-file", default=None, metavar="FILE",
+    p.add_argument("--viewer-password-file", type=path, default=None, metavar="FILE",
                    help="a read-only login's password (default: the credential "
                         f"{VIEWER_CREDENTIAL}, if any)")
-    p.add_argument("--history", default=None, metavar="FILE",
+    p.add_argument("--history", type=path, default=None, metavar="FILE",
                    help=f"the charts' database (default: $STATE_DIRECTORY/{HISTORY_NAME}, "
                         f"else ~/.local/state/smartbin/{HISTORY_NAME})")
     p.add_argument("--mqtt-username", default="", metavar="U")
-    p.add_argument("--mqtt-password-file", default="", metavar="F",
+    p.add_argument("--mqtt-password-file", type=path, default="", metavar="F",
                    help="default: the systemd credential mqtt_password when a username is set")
     p.add_argument("--tls", action="store_true", help="connect to the broker with TLS")
-    p.add_argument("--ca-file", default="", metavar="F")
-    p.add_argument("--cert-file", default="", metavar="F")
-    p.add_argument("--key-file", default="", metavar="F")
+    p.add_argument("--ca-file", type=path, default="", metavar="F")
+    p.add_argument("--cert-file", type=path, default="", metavar="F")
+    p.add_argument("--key-file", type=path, default="", metavar="F")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 

@@ -59,6 +59,7 @@ class BadRequest(Exception):
 @dataclass(eq=False)  # each page's stream is its own, kept in a set
 class Client:
     bin_id: str | None  # None: the whole fleet
+    token: str = ""  # the session it was opened in: a logout ends its stream
     queue: asyncio.Queue[bytes | None] = field(
         default_factory=lambda: asyncio.Queue(STREAM_QUEUE))
     behind: bool = False
@@ -75,6 +76,7 @@ class Hub:
         self.fleet = fleet
         self.history = history
         self.clients: set[Client] = set()
+        self.broker = False  # whether the dashboard is connected to the MQTT broker
         self._dirty: set[str] = set()
         self._flush: asyncio.TimerHandle | None = None
 
@@ -92,6 +94,12 @@ class Hub:
         if self._dirty and self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(COALESCE_S, self._send_dirty)
 
+    def broker_state(self, connected: bool) -> None:
+        self.broker = connected
+        for client in list(self.clients):
+            with contextlib.suppress(asyncio.QueueFull):
+                client.queue.put_nowait(sse("broker", {"connected": connected}))
+
     def _send_dirty(self) -> None:
         self._flush = None
         dirty, self._dirty = self._dirty, set()
@@ -108,6 +116,13 @@ class Hub:
                 client.queue.put_nowait(message)
             except asyncio.QueueFull:
                 client.behind = True  # its stream ends; the page reconnects and starts over
+
+    def end_session(self, token: str) -> None:
+        for client in self.clients:
+            if client.token == token:
+                client.behind = True
+                with contextlib.suppress(asyncio.QueueFull):
+                    client.queue.put_nowait(None)
 
     def close(self) -> None:
         for client in self.clients:
@@ -146,7 +161,6 @@ class Dashboard:
                 refused = self._refused(request, session)
                 if refused is not None:
                     return refused
-            request["session"] = session
             response = await handler(request)
         _headers(response)
         return response
@@ -206,7 +220,9 @@ class Dashboard:
         raise response
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
-        self.auth.end(request.cookies.get(SESSION_COOKIE))
+        token = request.cookies.get(SESSION_COOKIE) or ""
+        self.auth.end(token)
+        self.hub.end_session(token)
         response = web.json_response({"ok": True})
         response.del_cookie(SESSION_COOKIE, path="/")
         return response
@@ -218,7 +234,8 @@ class Dashboard:
         return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-store"})
 
     async def session_info(self, request: web.Request) -> web.Response:
-        session: Session = request["session"]
+        session = self.auth.session(request.cookies.get(SESSION_COOKIE))
+        assert session is not None  # the guard let the request in
         return web.json_response({"role": session.role, "csrf": session.csrf,
                                   "prefix": self.fleet.prefix, "bins": list(BINS),
                                   "mqtt": self.bridge is not None and self.bridge.connected})
@@ -256,7 +273,7 @@ class Dashboard:
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         bin_id = request.query.get("bin")
-        client = Client(bin_id)
+        client = Client(bin_id, token=request.cookies.get(SESSION_COOKIE) or "")
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-store",
             "X-Accel-Buffering": "no"})
@@ -266,7 +283,8 @@ class Dashboard:
         try:
             first = [v.snapshot() for v in self.fleet.bins.values()
                      if bin_id is None or v.bin_id == bin_id]
-            await response.write(b"retry: 1000\n\n" + sse("fleet", {"bins": first}))
+            await response.write(b"retry: 1000\n\n" + sse("fleet", {
+                "bins": first, "broker": self.hub.broker}))
             while not client.behind:
                 try:
                     message = await asyncio.wait_for(client.queue.get(), KEEPALIVE_S)

@@ -158,7 +158,7 @@ function drawRates(h) {
   const opts = {
     width: chartWidth("chart-rates"), height: 220,
     scales: { x: { time: true, range: [h.hours[0], h.hours[h.hours.length - 1] + 3600] }, y: { range: [0, 1] } },
-    axes: [{}, { values: percent }],
+    axes: [{}, { values: percent, size: 60 }],
     series: [{}, { label: "uncertain or failed", stroke: "#c98a00", width: 2, spanGaps: true, value: (u, v) => pct(v), points: { show: true, size: 6, fill: "#c98a00" } },
       { label: "contamination", stroke: "#d23b3b", width: 2, spanGaps: true, value: (u, v) => pct(v), points: { show: true, size: 6, fill: "#d23b3b" } }],
   };
@@ -265,7 +265,11 @@ startSession().then(async () => {
   else document.getElementById("bin-id").textContent = binId + " (not seen on the broker)";
   stream("?bin=" + encodeURIComponent(binId), {
     fleet: (data) => { if (data.bins.length) { view = data.bins[0]; renderView(); } },
-    bin: (v) => { view = v; renderView(); },
+    bin: (v) => {
+      const rate = (x) => (x && x.contamination ? x.contamination.rate : null);
+      if (view && rate(view) !== rate(v)) historySoon();  // a review moved the rate chart
+      view = v; renderView();
+    },
     item: (event) => {
       if (view && (!view.last || view.last.seq === null || event.seq >= view.last.seq)) { view.last = event.item; renderView(); }
       historySoon();

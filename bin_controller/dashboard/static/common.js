@@ -74,9 +74,19 @@ function stream(query, handlers) {
   if (!handlers.item) source.addEventListener("item", (ev) => {
     try { noteItem(JSON.parse(ev.data)); } catch (e) { /* not ours */ }
   });
+  // The badge says whether updates flow: the page's stream, and the dashboard's broker.
   const state = document.getElementById("live");
-  source.onopen = () => { if (state) { state.textContent = "live"; state.className = "badge online"; } };
-  source.onerror = () => { if (state) { state.textContent = "reconnecting"; state.className = "badge offline"; } };
+  let open = false;
+  let broker = true;
+  const show = () => {
+    if (!state) return;
+    state.textContent = !open ? "reconnecting" : broker ? "live" : "broker unreachable";
+    state.className = "badge " + (open && broker ? "online" : "offline");
+  };
+  source.onopen = () => { open = true; show(); };
+  source.onerror = () => { open = false; show(); };
+  source.addEventListener("broker", (ev) => { broker = JSON.parse(ev.data).connected; show(); });
+  source.addEventListener("fleet", (ev) => { broker = JSON.parse(ev.data).broker !== false; show(); });
   return source;
 }
 
