@@ -11,8 +11,9 @@ Playwright's own browser download is never used). Printed, each beside its goal:
   dashboard's pages; p50, p95, max over the items committed during the run;
 - the dashboard's CPU (% of one core over the run, /proc/<pid>/stat) and peak resident memory
   (VmHWM, /proc/<pid>/status);
-- the fleet page's transfer size on first load: the bodies of every response of that load
-  (HTML, scripts, styles, the first API reads; not the open event stream).
+- the fleet page's transfer size on first load, cache emptied, every bin known: the bodies
+  of every response of that load (HTML, scripts, styles, the first API reads; not the open
+  event stream); the same for one bin's page (which adds the chart library and the photo).
 
 Also printed: the items the bins published and the share that reached the page, and the
 bins' own CPU, to tell a dashboard that is slow from a machine that cannot keep up.
@@ -153,12 +154,16 @@ def run_bench(args: argparse.Namespace) -> int:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS)
             try:
-                page_bytes, page_files = _open_fleet_page(browser, url, passwords.admin)
-                page = browser.contexts[0].pages[0]
+                page = _log_in(browser, url, passwords.admin)
                 bins = _start_bins(folder, args, broker.port, url)
                 _wait_for_bins(bins, published, args.bins, stop)
-                return _measure(args, dashboard, bins, page, published, page_bytes,
-                                page_files, stop)
+                # Loaded with every bin known, as a person opens it; then it stays open.
+                fleet_load = _load_size(page, url)
+                bin_page = page.context.new_page()
+                bin_load = _load_size(bin_page, f"{url}bin/bench-1")
+                bin_page.close()
+                return _measure(args, dashboard, bins, page, published,
+                                {"fleet": fleet_load, "bin": bin_load}, stop)
             except PlaywrightError as exc:
                 raise SmartbinError(f"the browser failed: {str(exc).splitlines()[0]}") from None
             finally:
@@ -176,24 +181,31 @@ def run_bench(args: argparse.Namespace) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _open_fleet_page(browser: Any, url: str, password: str) -> tuple[int, int]:
-    """Log in, then load the fleet page in a fresh context (nothing cached) and add up
-    the bodies of its responses: (bytes, responses)."""
-    context = browser.new_context()
-    page = context.new_page()
-    page.goto(url)  # the login page: a session first
+def _log_in(browser: Any, url: str, password: str) -> Any:
+    """A fresh context (nothing cached), logged in through the login form."""
+    page = browser.new_context().new_page()
+    page.goto(url)  # redirected to the login page
     page.fill("input[name=password]", password)
     with page.expect_navigation():
         page.click("button[type=submit]")
     if "/login" in page.url:
         raise SmartbinError("the dashboard refused the benchmark's password")
-    # The measured load: the fleet page as a logged-in user opens it, cache emptied.
-    cdp = context.new_cdp_session(page)
-    cdp.send("Network.clearBrowserCache")
+    return page
+
+
+def _load_size(page: Any, url: str) -> tuple[int, int]:
+    """Load `url` with the browser's cache emptied and add up the bodies of its responses
+    (the page, scripts, styles, its first API reads): (bytes, responses)."""
+    page.context.new_cdp_session(page).send("Network.clearBrowserCache")
     responses: list[Any] = []
-    page.on("response", lambda response: responses.append(response))
+
+    def keep(response: Any) -> None:
+        responses.append(response)
+
+    page.on("response", keep)
     page.goto(url, wait_until="load")
     page.wait_for_timeout(SETTLE_S * 1000)
+    page.remove_listener("response", keep)
     total = files = 0
     for response in responses:
         if "text/event-stream" in (response.headers.get("content-type") or ""):
@@ -244,7 +256,7 @@ def _wait_for_bins(bins: list[Child], published: Published, n: int,
 
 
 def _measure(args: argparse.Namespace, dashboard: Child, bins: list[Child], page: Any,
-             published: Published, page_bytes: int, page_files: int,
+             published: Published, loads: dict[str, tuple[int, int]],
              stop: threading.Event) -> int:
     start_wall = time.time()
     cpu0, bins0 = cpu_seconds(dashboard.pid), sum(cpu_seconds(b.pid) for b in bins)
@@ -278,7 +290,8 @@ def _measure(args: argparse.Namespace, dashboard: Child, bins: list[Child], page
         "broker_latency_ms": _spread(broker_ms),
         "dashboard_cpu_pct": round(cpu, 1), "dashboard_peak_rss_mb": round(rss, 1),
         "bins_cpu_pct": round(bins_cpu, 1),
-        "page_bytes": page_bytes, "page_responses": page_files,
+        "page_bytes": loads["fleet"][0], "page_responses": loads["fleet"][1],
+        "bin_page_bytes": loads["bin"][0], "bin_page_responses": loads["bin"][1],
         "goals": {"latency_p95_ms": GOAL_P95_MS, "rss_mb": GOAL_RSS_MB,
                   "page_kb": GOAL_PAGE_KB},
     }
@@ -318,6 +331,9 @@ def _print(r: dict[str, Any]) -> None:
           f"{'met' if rss < GOAL_RSS_MB else 'NOT met'})")
     kb = r["page_bytes"] / 1024
     print(f"fleet page load  {kb:.1f} KB in {r['page_responses']} responses   (goal < "
+          f"{GOAL_PAGE_KB:.0f} KB: {'met' if kb < GOAL_PAGE_KB else 'NOT met'})")
+    kb = r["bin_page_bytes"] / 1024
+    print(f"bin page load    {kb:.1f} KB in {r['bin_page_responses']} responses   (goal < "
           f"{GOAL_PAGE_KB:.0f} KB: {'met' if kb < GOAL_PAGE_KB else 'NOT met'})")
     target = r["bins"] * r["rate_per_bin"]
     print(f"the bins' CPU    {r['bins_cpu_pct']:.0f} % of one core in all "

@@ -43,10 +43,13 @@ def test_bench_dashboard_prints_every_figure(tmp_path, chromium):
     assert m and float(m.group(1)) > 0, out
     m = re.search(rf"fleet page load +{NUMBER} KB in (\d+) responses .*goal < 500 KB", out)
     assert m and float(m.group(1)) > 0 and int(m.group(2)) >= 2, out  # the HTML and its script
+    m = re.search(rf"bin page load +{NUMBER} KB in (\d+) responses .*goal < 500 KB", out)
+    assert m and float(m.group(1)) > 0 and int(m.group(2)) >= 2, out
     data = json.loads(report.read_text())
     assert data["bins"] == 2 and data["items_in_page"] > 0
     assert all(isinstance(data["latency_ms"][k], float) for k in ("p50", "p95", "max"))
     assert isinstance(data["dashboard_peak_rss_mb"], float) and data["page_bytes"] > 0
+    assert data["bin_page_bytes"] > 0
 
 
 def test_bench_options_are_checked():
