@@ -34,7 +34,7 @@ STOP_S = 20.0  # a bin finishes the item on its flap first (the unit's TimeoutSt
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: SIGTERM when the parent dies (Linux; elsewhere a no-op)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -57,7 +57,7 @@ class Child:
                 argv, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE if read_stdout else log_file, stderr=log_file,
                 env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
-                preexec_fn=_die_with_parent)
+                preexec_fn=die_with_parent)
         self.lines: queue.Queue[str | None] = queue.Queue()
         if read_stdout:
             assert self.proc.stdout is not None
