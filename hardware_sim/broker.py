@@ -16,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 
 from bin_controller.errors import SmartbinError
+from hardware_sim.children import die_with_parent
 
 START_TIMEOUT_S = 10.0  # mosquitto listens within milliseconds; a loaded machine is slower
 
@@ -40,8 +41,13 @@ class Broker:
     """mosquitto listening on 127.0.0.1:`port`, its files (config, persistence, log) in
     `folder`."""
 
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    def __init__(self, folder: Path, port: int | None = None, *,
+                 own_session: bool = False) -> None:
         self.folder = Path(folder)
+        # own_session: out of the terminal's process group, so that a Ctrl-C reaches only
+        # the program that started it, which stops the broker last (`smartbin demo`); and
+        # it goes when that program dies.
+        self.own_session = own_session
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.conf = self.folder / "mosquitto.conf"
@@ -58,7 +64,10 @@ class Broker:
     def start(self) -> None:
         with open(self.folder / "broker.log", "ab") as log_file:
             self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
-                                         stdout=subprocess.DEVNULL, stderr=log_file)
+                                         stdout=subprocess.DEVNULL, stderr=log_file,
+                                         start_new_session=self.own_session,
+                                         preexec_fn=die_with_parent if self.own_session
+                                         else None)
         end = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < end:
             if self.proc.poll() is not None:

@@ -314,6 +314,12 @@ def register(tables: CommandTables) -> None:
     p = tables.commands.add_parser("simulate", help="run the whole bin on simulated hardware")
     add_arguments(p)
     p.set_defaults(func=_simulate)
+    from hardware_sim.demo import add_arguments as add_demo_arguments
+
+    d = tables.commands.add_parser("demo", help="the laptop demo: a local broker, simulated "
+                                   "bins and the web dashboard; Ctrl-C stops it all")
+    add_demo_arguments(d)
+    d.set_defaults(func=_demo)
     b = tables.bench.add_parser("cycle", help="sensor edge to servo command and to the item "
                                 "counted (SQLite store, photo log), fast simulator")
     tables.add_model_options(b)
@@ -328,6 +334,13 @@ def register(tables: CommandTables) -> None:
                    help="seconds between one item landing and the next drop (default 0: "
                         "back to back, the photo writer still busy with the last item)")
     b.set_defaults(func=_bench_cycle)
+    b = tables.bench.add_parser("dashboard", help="the web dashboard with a simulated fleet "
+                                "and an open page in chromium: item latency, CPU, memory, "
+                                "page size")
+    from hardware_sim.bench_dashboard import add_arguments as add_dashboard_bench_arguments
+
+    add_dashboard_bench_arguments(b)
+    b.set_defaults(func=_bench_dashboard)
     b = tables.bench.add_parser("idle", help="CPU use of the idle service")
     tables.add_model_options(b)
     b.add_argument("--config", type=path_arg)
@@ -346,10 +359,24 @@ def _simulate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from hardware_sim.demo import run_demo
+
+    configure_logging(False)
+    return run_demo(args)
+
+
 def _bench_cycle(args: argparse.Namespace) -> int:
     from hardware_sim.bench import run_cycle
 
     return run_cycle(args)
+
+
+def _bench_dashboard(args: argparse.Namespace) -> int:
+    from hardware_sim.bench_dashboard import run_bench
+
+    configure_logging(False)
+    return run_bench(args)
 
 
 def _bench_idle(args: argparse.Namespace) -> int:

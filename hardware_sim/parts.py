@@ -3,11 +3,16 @@
 The simulated camera comes with the simulated world it photographs (`SimBin`, the mechanics
 behind gpiozero's mock pins) and, when `simulator.drop_interval_s` is set, a person who drops
 a generated item whenever the flap is clear: what `smartbin run --simulate` runs.
+
+With $SMARTBIN_SIM_IMAGES (a folder of class subfolders, e.g. TrashNet) the person drops
+photos from it instead, their bins from $SMARTBIN_SIM_BIN_MAP (a bin map name or file) or
+from `<bin>_<item>` folder names: how `smartbin demo` runs a bin on real photos.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -18,17 +23,18 @@ from gpiozero.pins.mock import MockFactory
 from bin_controller.config import Config
 from bin_controller.errors import ConfigError
 from hardware_sim.mechanics import SimBin, SimCamera
-from hardware_sim.sources import GeneratedSource
+from hardware_sim.sources import FolderSource, GeneratedSource
 
 log = logging.getLogger(__name__)
 
 
 class _Person:
-    """Drops a generated item every `interval_s` while the flap is clear."""
+    """Drops an item every `interval_s` while the flap is clear."""
 
-    def __init__(self, sim: SimBin, interval_s: float, limit: int, seed: int) -> None:
+    def __init__(self, sim: SimBin, interval_s: float, limit: int,
+                 source: GeneratedSource | FolderSource) -> None:
         self.sim, self.interval_s, self.limit = sim, interval_s, limit
-        self.source = GeneratedSource(seed)
+        self.source = source
         self.stopped = threading.Event()
         self.dropped = 0
 
@@ -49,6 +55,7 @@ class SimulatedCamera(SimCamera):
     def __init__(self, cfg: Config, sim: SimBin) -> None:
         super().__init__(sim)
         self.cfg = cfg.simulator
+        self.frame_size = (cfg.camera.width, cfg.camera.height)
         self._person: _Person | None = None
         self._hang_at = cfg.simulator.hang_camera_at
         self._calls = 0
@@ -59,8 +66,16 @@ class SimulatedCamera(SimCamera):
         self.sim.sync_sensor()
         if self.cfg.drop_interval_s > 0:
             self._person = _Person(self.sim, self.cfg.drop_interval_s, self.cfg.drop_items,
-                                   self.cfg.seed)
+                                   self._source())
             threading.Thread(target=self._person.run, name="sim-person", daemon=True).start()
+
+    def _source(self) -> GeneratedSource | FolderSource:
+        images = os.environ.get("SMARTBIN_SIM_IMAGES")
+        if not images:
+            return GeneratedSource(self.cfg.seed)
+        bin_map = os.environ.get("SMARTBIN_SIM_BIN_MAP")
+        return FolderSource(Path(images), Path(bin_map) if bin_map else None, self.cfg.seed,
+                            self.frame_size)
 
     def capture(self) -> np.ndarray:
         self._calls += 1

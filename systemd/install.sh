@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs smartbin as a systemd service on Raspberry Pi OS (Bookworm or later), or removes it.
 #
-#   sudo systemd/install.sh              install or upgrade (idempotent), enable, start
+#   sudo systemd/install.sh              install or upgrade (idempotent), enable, start; the
+#                                        web dashboard's unit is installed, not enabled
 #   sudo systemd/install.sh --uninstall  stop, disable, remove the program (keeps config
 #                                        and counts; add --purge to remove those and the user)
 #
@@ -32,6 +33,7 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 PREFIX="$ROOT/opt/smartbin"
 ETC="$ROOT/etc/smartbin"
 UNIT="$ROOT/etc/systemd/system/smartbin.service"
+DASHBOARD_UNIT="$ROOT/etc/systemd/system/smartbin-dashboard.service"
 STATE="$ROOT/var/lib/smartbin"
 OWNER=root GROUP=smartbin
 if [ "$MKUSER" = 0 ]; then OWNER=$(id -un) GROUP=$(id -gn); fi
@@ -42,12 +44,12 @@ say() { printf 'smartbin: %s\n' "$*"; }
 ctl() { if [ "$SYSTEMCTL" = 1 ]; then systemctl "$@"; fi; }
 
 if [ "$ACTION" = uninstall ]; then
-  ctl disable --now smartbin.service 2>/dev/null || true
-  rm -f "$UNIT"
+  ctl disable --now smartbin.service smartbin-dashboard.service 2>/dev/null || true
+  rm -f "$UNIT" "$DASHBOARD_UNIT"
   ctl daemon-reload
   rm -rf "$PREFIX"
   if [ "$PURGE" = 1 ]; then
-    rm -rf "$ETC" "$STATE" "$ROOT/var/cache/smartbin"
+    rm -rf "$ETC" "$STATE" "$ROOT/var/cache/smartbin" "$ROOT/var/lib/smartbin-dashboard"
     if [ "$MKUSER" = 1 ] && id smartbin >/dev/null 2>&1; then userdel smartbin; fi
     say "removed, with configuration, counts and user"
   else
@@ -105,9 +107,22 @@ fi
 # systemd hands the password to the service as a credential; empty means none.
 [ -f "$ETC/mqtt_password" ] || install -m 0600 -o "$OWNER" -g "$(id -gn "$OWNER")" /dev/null \
   "$ETC/mqtt_password"
+# The dashboard's login password, also a credential: a random one on first install (the
+# dashboard refuses an empty file); the owner may write their own into it.
+if [ ! -f "$ETC/dashboard_password" ]; then
+  install -m 0600 -o "$OWNER" -g "$(id -gn "$OWNER")" /dev/null "$ETC/dashboard_password"
+  "$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(12))' > "$ETC/dashboard_password"
+  say "wrote a random dashboard password into $ETC/dashboard_password"
+fi
 install -d -m 0755 "$(dirname "$UNIT")"
 install -m 0644 "$SRC/systemd/smartbin.service" "$UNIT"
+# The dashboard is optional (it may run on a laptop or a server instead): installed, not
+# enabled; an upgrade restarts it only when it runs.
+install -m 0644 "$SRC/systemd/smartbin-dashboard.service" "$DASHBOARD_UNIT"
 ctl daemon-reload
 ctl enable --now smartbin.service
 ctl restart smartbin.service
+ctl try-restart smartbin-dashboard.service
 say "installed; 'systemctl status smartbin' and 'journalctl -u smartbin -f' show it working"
+say "web dashboard (not enabled): 'sudo systemctl enable --now smartbin-dashboard' serves"
+say "  it on http://127.0.0.1:8080/; the password is in $ETC/dashboard_password"

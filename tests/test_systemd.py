@@ -22,6 +22,7 @@ from tests.broker import Broker, Listener
 from tests.conftest import REPO
 
 UNIT = REPO / "systemd" / "smartbin.service"
+DASHBOARD_UNIT = REPO / "systemd" / "smartbin-dashboard.service"
 
 
 def _systemd_analyze() -> str:
@@ -33,15 +34,16 @@ def _systemd_analyze() -> str:
     return tool
 
 
-def test_unit_verifies(tmp_path):
+@pytest.mark.parametrize("source", [UNIT, DASHBOARD_UNIT], ids=lambda p: p.name)
+def test_unit_verifies(tmp_path, source):
     tool = _systemd_analyze()
     # verify insists that ExecStart exists; point it at a real file, keep the rest.
-    text = UNIT.read_text().replace("/opt/smartbin/venv/bin/smartbin", sys.executable)
-    unit = tmp_path / "smartbin.service"
+    text = source.read_text().replace("/opt/smartbin/venv/bin/smartbin", sys.executable)
+    unit = tmp_path / source.name
     unit.write_text(text)
     r = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True)
     problems = [line for line in (r.stdout + r.stderr).splitlines()
-                if "smartbin.service" in line]
+                if source.name in line]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
 
 
@@ -57,6 +59,23 @@ def test_unit_exposure_is_low():
                      "Restart=on-failure"):
         assert required in UNIT.read_text()
     assert "PrivateDevices=yes" not in UNIT.read_text()
+
+
+def test_dashboard_unit_exposure_is_low():
+    tool = _systemd_analyze()
+    r = subprocess.run([tool, "security", "--offline=true", str(DASHBOARD_UNIT)],
+                       capture_output=True, text=True)
+    score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout).group(1))
+    # No devices at all, unlike the bin: it may be tighter than the bin's 3.0.
+    assert score <= 2.5, r.stdout[-2000:]
+    text = DASHBOARD_UNIT.read_text()
+    exec_start = re.search(r"^ExecStart=(.*)$", text, re.M).group(1).split()
+    assert exec_start[:2] == ["/opt/smartbin/venv/bin/smartbin", "dashboard"]
+    assert exec_start[exec_start.index("--listen") + 1].startswith("127.0.0.1:")
+    for required in ("User=smartbin", "StateDirectory=smartbin-dashboard",
+                     "LoadCredential=dashboard_password:/etc/smartbin/dashboard_password",
+                     "PrivateDevices=yes", "Restart=on-failure"):
+        assert required in text
 
 
 class NotifySocket:
@@ -165,17 +184,27 @@ def test_install_script_is_idempotent(tmp_path):
     assert r.returncode == 0, r.stderr
     config = tmp_path / "etc" / "smartbin" / "config.toml"
     assert config.read_text() == (REPO / "systemd" / "config.example.toml").read_text()
+    # The dashboard gets a random password of its own on the first install, kept after.
+    password = tmp_path / "etc/smartbin/dashboard_password"
+    assert password.stat().st_mode & 0o077 == 0 and len(password.read_text().strip()) >= 12
+    first_password = password.read_text()
     config.write_text('[bin]\nid = "corner-7"\n')
     r = subprocess.run(["bash", str(script), *opts], capture_output=True, text=True)
     assert r.returncode == 0 and "kept" in r.stdout
     assert config.read_text() == '[bin]\nid = "corner-7"\n'
+    assert password.read_text() == first_password  # an upgrade keeps the owner's password
     assert (tmp_path / "etc/systemd/system/smartbin.service").read_text() == UNIT.read_text()
+    # The dashboard's unit is installed but left disabled; the output says how to enable it.
+    dashboard = tmp_path / "etc/systemd/system/smartbin-dashboard.service"
+    assert dashboard.read_text() == DASHBOARD_UNIT.read_text()
+    assert "systemctl enable --now smartbin-dashboard" in r.stdout
     # The service runs from the venv alone: no copy of the source tree is left behind.
     assert (tmp_path / "opt/smartbin/README.md").is_file()
     assert not (tmp_path / "opt/smartbin/src").exists()
     r = subprocess.run(["bash", str(script), "--uninstall", *opts], capture_output=True,
                        text=True)
     assert r.returncode == 0 and not (tmp_path / "opt/smartbin").exists()
+    assert not dashboard.exists()
     assert config.is_file()  # kept without --purge
     r = subprocess.run(["bash", str(script), "--uninstall", "--purge", *opts],
                        capture_output=True, text=True)
