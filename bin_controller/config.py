@@ -313,6 +313,12 @@ class SimulatorSection:
     drop_items: int = _opt(0, "Simulator: the person stops after this many items; 0: never.",
                            min=0, max=10_000_000)
     seed: int = _opt(0, "Simulator: seed of the generated items.", min=0, max=2**31 - 1)
+    images: str = _opt("", "Simulator: a folder of class folders of photos (e.g. TrashNet) the "
+                           "person drops instead of generated items; empty: generated items.",
+                       path=True)
+    images_bin_map: str = _opt("", "Simulator: bin map (name or JSON file) of the `images` "
+                                   "folders; empty: the bin from `<bin>_<item>` folder names.",
+                               path=True)
     hang_camera_at: int = _opt(0, "Simulator: this capture never returns (to see the "
                                   "watchdog act); 0: none.", min=0, max=10_000_000)
 

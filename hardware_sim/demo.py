@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -59,12 +59,12 @@ class BinPlan:
     bundle: str
     seed: int
     interval_s: float
-    env: dict[str, str] = field(default_factory=dict)
+    images: str = ""  # a folder of class folders the person drops photos from
     backbone: str = ""
 
     @property
     def what(self) -> str:
-        source = "TrashNet photos" if "SMARTBIN_SIM_IMAGES" in self.env else "generated items"
+        source = "TrashNet photos" if self.images else "generated items"
         return (f"{self.bin_id} ({self.bundle} bundle, {source}, seed {self.seed}, an item "
                 f"every {self.interval_s:g} s)")
 
@@ -79,9 +79,8 @@ def plan_bins(n: int, shared: Path) -> list[BinPlan]:
         # 2 to 5 s between drops, different per bin, so the fleet does not tick in step.
         interval = 2.0 + (i - 1) % 4
         if i == 3 and photos.is_dir() and backbone.exists():
-            plans.append(BinPlan(f"trashnet-{i}", "trashnet", i, interval, env={
-                "SMARTBIN_SIM_IMAGES": str(photos), "SMARTBIN_SIM_BIN_MAP": "trashnet"},
-                backbone=str(backbone)))
+            plans.append(BinPlan(f"trashnet-{i}", "trashnet", i, interval,
+                                 images=str(photos), backbone=str(backbone)))
         else:
             plans.append(BinPlan(f"demo-{i}", "demo", i, interval))
     return plans
@@ -99,6 +98,8 @@ def bin_config(plan: BinPlan, *, state_dir: Path, mqtt_port: int,
                  "stats_interval_s": 10.0, "dashboard_url": dashboard_url},
         "photos": {"keep": "all"},
         "fill": {"capacity_l": CAPACITY_L},
+        **({"simulator": {"images": plan.images, "images_bin_map": plan.bundle}}
+           if plan.images else {}),
     }
 
 
@@ -187,7 +188,7 @@ def run_demo(args: argparse.Namespace) -> int:
             bins.append(Child(plan.bin_id, smartbin_argv(
                 "run", "--simulate", "--config", str(config), "--seed", str(plan.seed),
                 "--sim-interval", f"{plan.interval_s:g}"), state / "run.log",
-                env={**plan.env, "SMARTBIN_OFFLINE": "1"}, cwd=state))
+                env={"SMARTBIN_OFFLINE": "1"}, cwd=state))
         janitor = Janitor(broker.port)
         print(f"smartbin demo: broker 127.0.0.1:{broker.port}, files in {folder}")
         for plan in plans:

@@ -4,15 +4,14 @@ The simulated camera comes with the simulated world it photographs (`SimBin`, th
 behind gpiozero's mock pins) and, when `simulator.drop_interval_s` is set, a person who drops
 a generated item whenever the flap is clear: what `smartbin run --simulate` runs.
 
-With $SMARTBIN_SIM_IMAGES (a folder of class subfolders, e.g. TrashNet) the person drops
-photos from it instead, their bins from $SMARTBIN_SIM_BIN_MAP (a bin map name or file) or
-from `<bin>_<item>` folder names: how `smartbin demo` runs a bin on real photos.
+With `simulator.images` (a folder of class folders, e.g. TrashNet) the person drops photos
+from it instead, their bins from `simulator.images_bin_map` (a bin map name or file) or from
+`<bin>_<item>` folder names: how `smartbin demo` runs a bin on real photos.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -70,12 +69,11 @@ class SimulatedCamera(SimCamera):
             threading.Thread(target=self._person.run, name="sim-person", daemon=True).start()
 
     def _source(self) -> GeneratedSource | FolderSource:
-        images = os.environ.get("SMARTBIN_SIM_IMAGES")
-        if not images:
+        if not self.cfg.images:
             return GeneratedSource(self.cfg.seed)
-        bin_map = os.environ.get("SMARTBIN_SIM_BIN_MAP")
-        return FolderSource(Path(images), Path(bin_map) if bin_map else None, self.cfg.seed,
-                            self.frame_size)
+        bin_map = self.cfg.images_bin_map
+        return FolderSource(Path(self.cfg.images), Path(bin_map) if bin_map else None,
+                            self.cfg.seed, self.frame_size)
 
     def capture(self) -> np.ndarray:
         self._calls += 1

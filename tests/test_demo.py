@@ -167,8 +167,14 @@ def test_demo_options_are_checked():
     assert r.returncode == 2 and "--seconds" in r.stderr
 
 
+def _images_config(tmp_path: Path, images: Path) -> Path:
+    path = tmp_path / "images.toml"
+    path.write_text(f"[simulator]\nimages = {json.dumps(str(images))}\n")
+    return path
+
+
 def test_the_simulated_person_drops_photos_from_a_folder(tmp_path):
-    """$SMARTBIN_SIM_IMAGES: the demo's TrashNet bin. Only batteries in the folder: every
+    """simulator.images: the demo's TrashNet bin. Only batteries in the folder: every
     item the service sorts is a battery (generated items would be of eight kinds)."""
     import numpy as np
     from PIL import Image
@@ -183,9 +189,9 @@ def test_the_simulated_person_drops_photos_from_a_folder(tmp_path):
         Image.fromarray(items.render(battery, rng)).save(folder / f"{i}.png")
     proc = subprocess.Popen(
         [sys.executable, "-m", "bin_controller", "run", "--simulate", "--sim-fast",
-         "--sim-interval", "0.2", "--state-dir", str(tmp_path / "state"), "--verbose"],
-        cwd=REPO, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "SMARTBIN_SIM_IMAGES": str(tmp_path / "photos")})
+         "--sim-interval", "0.2", "--state-dir", str(tmp_path / "state"), "--verbose",
+         "--config", str(_images_config(tmp_path, tmp_path / "photos"))],
+        cwd=REPO, stderr=subprocess.PIPE, text=True)
     sorted_lines: list[str] = []
     try:
         for line in proc.stderr:
@@ -203,7 +209,7 @@ def test_the_simulated_person_drops_photos_from_a_folder(tmp_path):
 def test_a_missing_photo_folder_is_one_error_line(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "bin_controller", "run", "--simulate", "--state-dir",
-         str(tmp_path / "state")], cwd=REPO, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "SMARTBIN_SIM_IMAGES": str(tmp_path / "nothing")})
+         str(tmp_path / "state"), "--config", str(_images_config(tmp_path, tmp_path / "nothing"))],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "nothing: no such folder" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
