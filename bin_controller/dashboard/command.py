@@ -74,7 +74,8 @@ async def serve(mqtt: MqttSection, listen: tuple[str, int], auth: Auth,
     fleet = Fleet(mqtt.prefix)
     hub = Hub(fleet, history)
     connection = Connection(mqtt, client_id=f"smartbin-dashboard-{socket.gethostname()}-"
-                                            f"{os.getpid()}")
+                                            f"{os.getpid()}",
+                            offline_note="the pages show the last state seen")
     bridge = Bridge(connection, mqtt.prefix, on_message=hub.on_message)
 
     def broker_state(connected: bool) -> None:  # on paho's thread

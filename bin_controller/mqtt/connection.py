@@ -118,8 +118,10 @@ class Connection:
     """
 
     def __init__(self, cfg: MqttSection, *, client_id: str,
-                 will: tuple[str, str] | None = None) -> None:
+                 will: tuple[str, str] | None = None,
+                 offline_note: str = "events wait in the outbox") -> None:
         self.cfg = cfg
+        self.offline_note = offline_note  # what the warnings tell of the time offline
         self.client_id = client_id
         self.client = make_client(cfg, client_id=client_id, will=will)
         self.connected = threading.Event()
@@ -196,8 +198,8 @@ class Connection:
             log.debug("MQTT broker %s still unreachable: %s", self.where(), reason)
             return
         self._warned = True
-        log.warning("MQTT broker %s unreachable (%s); retrying every %d s at most, events "
-                    "wait in the outbox", self.where(), reason, RECONNECT_MAX_S)
+        log.warning("MQTT broker %s unreachable (%s); retrying every %d s at most, %s",
+                    self.where(), reason, RECONNECT_MAX_S, self.offline_note)
 
     def _dropped(self, reason: ReasonCode) -> None:
         now = time.monotonic()
@@ -215,7 +217,7 @@ class Connection:
             hint = (f"; dropped {len(recent)} times within a minute: if another client "
                     f"uses the client id {self.client_id} (a bin with the same bin.id), "
                     "the broker drops one of the two on every connect")
-        log.warning("MQTT disconnected (%s); events wait in the outbox%s", reason, hint)
+        log.warning("MQTT disconnected (%s); %s%s", reason, self.offline_note, hint)
 
     # ------------------------------------------------------------------ paho callbacks
 
