@@ -25,13 +25,11 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -45,6 +43,7 @@ from hardware_sim.children import (
     smartbin_argv,
     start_dashboard,
     stop_all,
+    stop_on_signals,
     write_toml,
 )
 
@@ -126,13 +125,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from playwright.sync_api import sync_playwright
 
     browser_path = chromium_path()
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = stop_on_signals()
     folder = Path(tempfile.mkdtemp(prefix="smartbin-bench-dashboard-"))
     broker = Broker(folder / "broker", own_session=True)
     bins: list[Child] = []

@@ -40,6 +40,15 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGINT (Ctrl-C) or SIGTERM: the demo and the bench then stop their
+    children in order instead of dying with them half started."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda _signum, _frame: stop.set())
+    return stop
+
+
 def smartbin_argv(*args: str) -> list[str]:
     """`smartbin ARGS` with this interpreter, so it works from a venv and from a checkout."""
     return [sys.executable, "-m", "bin_controller", *args]

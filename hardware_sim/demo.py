@@ -17,14 +17,12 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 import paho.mqtt.client as mqtt
 
@@ -35,6 +33,7 @@ from hardware_sim.children import (
     smartbin_argv,
     start_dashboard,
     stop_all,
+    stop_on_signals,
     write_toml,
 )
 
@@ -160,13 +159,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = stop_on_signals()
     folder = Path(tempfile.mkdtemp(prefix="smartbin-demo-"))
     bins: list[Child] = []
     dashboard: Child | None = None
