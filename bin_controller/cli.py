@@ -369,6 +369,9 @@ def _add_teach_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--progress-json", action="store_true",
                    help="progress and the outcome as JSON lines on stdout (the service's "
                         "background teach reads them); messages go to stderr")
+    p.add_argument("--threads", type=whole(1, 64), default=2,
+                   help="threads of the backbone while the teach extracts features "
+                        "(default 2)")
     p.add_argument("--nice", type=whole(0, 19), default=0,
                    help="lower the teach's CPU priority by this much (default 0)")
     p.set_defaults(func=cmd_teach)

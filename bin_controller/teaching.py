@@ -53,6 +53,9 @@ FINISHED = frozenset({"done", "rejected", "failed", "cancelled"})
 # (a change of phase is published at once).
 MIN_INTERVAL_S = 0.5
 NICE = 10  # the teach yields the CPU to the sorting loop
+# One backbone thread: the other cores stay the loop's (a Pi 4 has four; measured on two
+# cores, two teach threads lift the cycle's p95 by half, see README).
+THREADS = 1
 STDERR_LINES = 20  # the child's last lines kept for the log and the error line
 
 
@@ -109,7 +112,7 @@ class TeachJob:
     def __init__(self, *, state_dir: Path, export: Callable[[Path], dict[str, Any]],
                  base: Callable[[], tuple[Path, str]], install: Callable[[Path], dict[str, Any]],
                  on_change: Callable[[], None] = lambda: None,
-                 backbone: str | None = None, nice: int = NICE,
+                 backbone: str | None = None, nice: int = NICE, threads: int = THREADS,
                  python: str = sys.executable,
                  min_interval_s: float = MIN_INTERVAL_S) -> None:
         """`export(dest)` writes the reviewed photos as class folders; `base()` is the
@@ -123,6 +126,7 @@ class TeachJob:
         self.on_change = on_change
         self.backbone = backbone
         self.nice = nice
+        self.threads = threads
         self.python = python
         self.min_interval_s = min_interval_s
         self._lock = threading.Lock()
@@ -232,7 +236,8 @@ class TeachJob:
         base, name = self.base()
         cmd = [self.python, "-m", "bin_controller", "teach", "--data", str(data),
                "--base", str(base), "--out", str(out), "--name", name,
-               "--margin", f"{settings.margin:g}", "--progress-json", "--nice", str(self.nice)]
+               "--margin", f"{settings.margin:g}", "--progress-json", "--nice", str(self.nice),
+               "--threads", str(self.threads)]
         if self.backbone:
             cmd += ["--backbone", self.backbone]
         final = self._child(cmd)

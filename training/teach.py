@@ -202,7 +202,8 @@ class _Backbone:
     cache_key: str
 
 
-def _base_backbone(base: Bundle, backbone: str | None, backend: str) -> tuple[_Backbone,
+def _base_backbone(base: Bundle, backbone: str | None, backend: str,
+                   threads: int = 2) -> tuple[_Backbone,
                                                                                list[Dense]]:
     """The base's first stage as the feature extractor, and its head as dense layers."""
     if len(base.stages) != 2:
@@ -219,7 +220,7 @@ def _base_backbone(base: Bundle, backbone: str | None, backend: str) -> tuple[_B
         raise BundleError(f"{base.path}: teach needs a square input, not "
                           f"{spec.width}x{spec.height}")
     extractor = StageFeatures(models[0], size=spec.width, mean=spec.mean, std=spec.std,
-                              backend=backend)
+                              backend=backend, num_threads=threads)
     stage = dict(base.manifest["stages"][0])
     first = base.stages[0]
     if first.source is not None:
@@ -237,7 +238,7 @@ def _base_backbone(base: Bundle, backbone: str | None, backend: str) -> tuple[_B
     return _Backbone(stage, file, extractor, key), layers
 
 
-def _study_backbone(backbone: str | None, backend: str) -> _Backbone:
+def _study_backbone(backbone: str | None, backend: str, threads: int = 2) -> _Backbone:
     from training.train import POOLED, _backbone
 
     remote, original = _backbone(backbone)
@@ -245,7 +246,8 @@ def _study_backbone(backbone: str | None, backend: str) -> _Backbone:
         derived = tflite_format.truncate_at_tensor(original, POOLED)
     except tflite_format.TFLiteFormatError as exc:
         raise SmartbinError(f"backbone: {exc}") from exc
-    extractor = StageFeatures(derived, size=224, mean=128.0, std=128.0, backend=backend)
+    extractor = StageFeatures(derived, size=224, mean=128.0, std=128.0, backend=backend,
+                              num_threads=threads)
     stage = {"role": "backbone", "source": {"url": remote.url, "sha256": remote.sha256,
                                             "member": remote.member}, "output": POOLED}
     return _Backbone(stage, None, extractor, remote.sha256)
@@ -338,6 +340,7 @@ def teach(data: Path, out: Path | None, *, base: str | Path | None = None,
           models_dir: str | Path | None = None, bins: Path | None = None,
           backbone: str | None = None, base_data: Path | None = None,
           margin: float = DEFAULT_MARGIN, seed: int = 0, backend: str = "auto",
+          threads: int = 2,
           name: str | None = None, progress: bool | None = None,
           log: Log = print, on_progress: Progress | None = None) -> TeachOutcome:
     """Teach, check and (when accepted) write the new bundle to `out`; a rejected teach
@@ -355,13 +358,13 @@ def teach(data: Path, out: Path | None, *, base: str | Path | None = None,
     base_head: list[Dense] | None = None
     if ready:
         assert base_bundle is not None
-        bb, base_head = _base_backbone(base_bundle, backbone, backend)
+        bb, base_head = _base_backbone(base_bundle, backbone, backend, threads)
         labels = list(base_bundle.labels)
         if base_head[-1].weight.shape[0] != len(labels):
             raise BundleError(f"{base_bundle.path}: the head has {base_head[-1].weight.shape[0]}"
                               f" outputs for {len(labels)} labels")
     else:
-        bb = _study_backbone(backbone, backend)
+        bb = _study_backbone(backbone, backend, threads)
         labels = []
     n_base = len(labels)
     taught = sorted((f for f in folders if f.base_index is None or not ready),
@@ -762,6 +765,7 @@ def run(args: Any) -> int:
                             backbone=args.backbone or cfg.model.backbone or None,
                             base_data=args.base_data, margin=args.margin, seed=args.seed,
                             name=args.name, log=say, on_progress=reporter,
+                            threads=getattr(args, "threads", 2),
                             progress=False if progress_json else None)
         except Rejected as exc:
             if reporter is not None:
