@@ -247,7 +247,7 @@ def _telemetry(cfg: Config, loop: SortingLoop, store: Store, photos: PhotoLog | 
     from bin_controller.mqtt.fill_commands import make_fill_handlers
     from bin_controller.mqtt.model_commands import make_model_handlers
     from bin_controller.mqtt.review_commands import make_review_handlers
-    from bin_controller.mqtt.teach_commands import make_teach_handlers
+    from bin_controller.mqtt.teach_commands import make_capture_handler, make_teach_handlers
     from bin_controller.review import Reviews
 
     telemetry: Telemetry | None = None
@@ -280,6 +280,8 @@ def _telemetry(cfg: Config, loop: SortingLoop, store: Store, photos: PhotoLog | 
         handlers.update(make_review_handlers(reviews, photos, publish_reply, counts_changed))
         teach_job = _teach_job(cfg, loop, reviews, handlers["reload_model"], model_changed)
         handlers.update(make_teach_handlers(teach_job))
+        handlers.update(make_capture_handler(loop, cfg.bin.state_dir,
+                                             lambda: loop.classifier.bundle.labels))
         status = _with_teach(loop, teach_job)
     if fill is not None:
         handlers.update(make_fill_handlers(fill))

@@ -17,9 +17,8 @@ Progress, as the retained `state`'s `teach` object:
 `result` holds, when done, the new model and version and the evaluation; when rejected,
 the evaluation with the numbers that refused it.
 
-The site's teach data are the reviewed photos (`review.Reviews.export`) and the photos of
-`smartbin teach --capture`, kept as class folders in `<state dir>/captures/`; `add_captures`
-merges the second into the first, for this job and for `smartbin teach --from-review`.
+The site's teach data are the reviewed photos (`review.Reviews.export`) and the captured
+ones (`captures`: `smartbin teach --capture`, `cmd/capture`).
 """
 
 from __future__ import annotations
@@ -40,11 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bin_controller.captures import CAPTURES, add_captures
 from bin_controller.errors import BusyError, CommandError, SmartbinError
 
 log = logging.getLogger(__name__)
 
-CAPTURES = "captures"  # under the state folder: class folders of --capture photos
 SCRATCH = "teach"  # under the state folder: the running teach's export and bundle
 PHASES = ("exporting", "features", "fitting", "checking", "installing", "done", "rejected",
           "failed", "cancelled")
@@ -57,27 +56,6 @@ NICE = 10  # the teach yields the CPU to the sorting loop
 # cores, two teach threads lift the cycle's p95 by half, see README).
 THREADS = 1
 STDERR_LINES = 20  # the child's last lines kept for the log and the error line
-
-
-def add_captures(captures: Path, dest: Path) -> int:
-    """Copy the captured class folders into an export's class folders (same folder name,
-    same label); returns the photos added."""
-    if not captures.is_dir():
-        return 0
-    added = 0
-    for folder in sorted(p for p in captures.iterdir() if p.is_dir()
-                         and not p.name.startswith(".")):
-        photos = sorted(p for p in folder.iterdir() if p.is_file()
-                        and not p.name.startswith("."))
-        if not photos:
-            continue
-        target = dest / folder.name
-        target.mkdir(parents=True, exist_ok=True)
-        for photo in photos:
-            # "capture-": never the name of an exported photo (<seq>.jpg)
-            shutil.copyfile(photo, target / f"capture-{photo.name}")
-            added += 1
-    return added
 
 
 @dataclass

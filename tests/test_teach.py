@@ -451,9 +451,9 @@ def test_capture_mistakes_are_one_line(tmp_path, capsys):
     base = ["--shots", "1", "--interval", "0", "--state-dir", str(state)]
     for args, words in (
             (["--capture", "coffee cup", "--simulate", "--item", "face mask"],
-             "not a label of the configured bundle; give its bin with --bin"),
+             "is not a label of the model; give its bin with --bin"),
             (["--capture", "banana peel", "--bin", "other", "--simulate"],
-             "goes in kitchen in the configured bundle"),
+             "goes in kitchen in the model"),
             (["--capture", "../x", "--bin", "other", "--simulate"], "give a label name"),
             (["--capture", "coffee cup", "--bin", "other", "--simulate"],
              "--item 'coffee cup': not a simulator item kind"),

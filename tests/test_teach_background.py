@@ -11,6 +11,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bin_controller.model_updates import CURRENT
@@ -289,3 +290,82 @@ def test_progress_is_rate_limited_but_every_phase_change_is_published(tmp_path):
     assert len(published) == 1  # a burst of steps: one message
     job._update("fitting", 0, 2)
     assert len(published) == 2  # a new phase goes out at once
+
+
+# ---------------------------------------------------------------------- cmd/capture
+
+
+def test_cmd_capture_photographs_the_item_on_the_paused_flap(teach_bin):
+    b = teach_bin
+    args = {"label": GRAPES.name, "bin": "kitchen", "shots": 3, "interval_s": 0}
+    reply = b.cmd("capture", args)
+    assert not reply["ok"] and reply["error"].startswith("pause the bin first"), reply
+    assert b.cmd("pause", {})["ok"]
+    reply = b.cmd("capture", args)
+    assert not reply["ok"] and reply["error"].startswith("nothing on the flap"), reply
+    for payload, words in (({"bin": "kitchen"}, "missing field(s) label"),
+                           ({**args, "shots": 0}, "shots must be a whole number from 1 to 30"),
+                           ({**args, "shots": 2.5}, "shots must be a whole number"),
+                           ({**args, "interval_s": 5}, "interval_s must be a number from 0"),
+                           ({**args, "bin": "garden"}, "bin 'garden': one of"),
+                           ({"label": "coffee cup"}, "give its bin with bin"),
+                           ({"label": "../x", "bin": "other"}, "give a label name"),
+                           ({**args, "photo": 1}, "unexpected field(s) photo")):
+        reply = b.cmd("capture", payload)
+        assert not reply["ok"] and words in reply["error"], (payload, reply)
+
+    # A person lays a bunch of grapes on the paused bin's flap: it stays there.
+    item = b.source.items([len(OLD)], first_id=b.dropped + 1)[0]
+    b.simulation.world.drop(item)
+    deadline = time.monotonic() + 10
+    while not b.simulation.bin.sensor.present and time.monotonic() < deadline:
+        time.sleep(0.01)
+    reply = b.cmd("capture", args)
+    assert reply["ok"], reply
+    assert reply["label"] == GRAPES.name and reply["new_label"] is True
+    assert reply["folder"] == GRAPES.name and len(reply["files"]) == 3 and reply["total"] == 3
+    folder = b.state / "captures" / GRAPES.name
+    assert sorted(p.name for p in folder.iterdir()) == sorted(reply["files"])
+    # A label the model knows, by its English name: its own folder.
+    reply = b.cmd("capture", {"label": "banana peel", "shots": 1})
+    assert reply["ok"] and reply["folder"] == "厨余垃圾_香蕉皮" and reply["bin"] == "kitchen"
+    assert not b.simulation.events  # nothing was sorted or counted meanwhile
+    # Resumed with the item still there: it is sorted and counted like any item.
+    assert b.cmd("resume", {})["ok"]
+    deadline = time.monotonic() + 10
+    while not b.simulation.events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(b.simulation.events) == 1
+
+
+def test_captured_photos_join_the_reviewed_ones_in_cmd_teach(teach_bin):
+    """Grapes only ever captured (never sorted), the old kinds reviewed: the teach learns
+    grapes from the captures."""
+    b = teach_bin
+    for index, kind in enumerate(OLD):
+        label(b, b.sort([index] * 3), kind.name)
+    assert b.cmd("pause", {})["ok"]
+    rng = np.random.default_rng(5)
+    for n in range(2):  # two bunches, five shots each
+        item = b.source.items([len(OLD)], first_id=100 + n)[0]
+        b.simulation.world.drop(item)
+        deadline = time.monotonic() + 10
+        while not b.simulation.bin.sensor.present and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for _ in range(5):
+            # The simulated camera sees the same picture of a still item; the person turns
+            # the bunch between captures (a real camera's shots differ by light anyway).
+            item.image = items.render(GRAPES, rng)
+            assert b.cmd("capture", {"label": GRAPES.name, "bin": "kitchen", "shots": 1,
+                                     "interval_s": 0})["ok"]
+        item.jam = True  # the person takes the bunch off the flap, as a jam is cleared
+        b.simulation.world.clear_jam()
+        while b.simulation.bin.sensor.present and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert b.cmd("resume", {})["ok"]
+    assert b.cmd("teach", {})["ok"]
+    final = b.wait_teach({"done", "rejected", "failed"})
+    assert final["phase"] == "done", final
+    assert final["result"]["photos"] == 8 * 3 + 10
+    grapes = b.sort([len(OLD)] * 10)
+    assert sum(i.compartment == "kitchen" for i in grapes) >= 8

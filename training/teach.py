@@ -658,9 +658,9 @@ def write_bundle(out: Path, manifest: dict[str, Any], head: bytes, layers: list[
 def from_review(cfg: Any, dest: Path) -> dict[str, Any]:
     """Export the bin's reviewed photos (the site dataset) into dest, with the photos of
     `--capture` beside them."""
+    from bin_controller.captures import CAPTURES, add_captures
     from bin_controller.errors import StoreError
     from bin_controller.sitelog import SITELOG_NAME
-    from bin_controller.teaching import CAPTURES, add_captures
     from bin_controller.tools.review_cmd import opened
 
     state = Path(cfg.bin.state_dir).expanduser()
