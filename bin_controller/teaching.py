@@ -218,7 +218,12 @@ class TeachJob:
                "--threads", str(self.threads)]
         if self.backbone:
             cmd += ["--backbone", self.backbone]
-        final = self._child(cmd)
+        try:
+            final = self._child(cmd)
+        except CommandError:
+            if not self._cancelled:
+                raise
+            final = None  # killed by teach_cancel: that is how it ends
         if self._cancelled:
             self._finish("cancelled")
             return
@@ -268,8 +273,11 @@ class TeachJob:
         errors.join(5)
         with self._lock:
             self._proc = None
+        if code < 0:
+            raise CommandError(f"the teach process was killed (signal {-code}) before it "
+                               "finished; nothing was changed")
         if code != 0 and (final is None or final.get("phase") == "written"):
-            return None  # killed, crashed or an error before a final line
+            return None  # crashed, or an error before a final line
         return final
 
     def _read_stderr(self, proc: subprocess.Popen[str]) -> None:
