@@ -235,7 +235,15 @@ class TeachJob:
             return
         if final.get("phase") != "written":
             raise CommandError(final.get("error") or self._child_error())
-        self._update("installing", 0, 1)
+        with self._lock:  # from here on a cancel is refused: the install is not interrupted
+            cancelled = self._cancelled
+            if not cancelled and self._progress is not None:
+                self._progress.phase, self._progress.done, self._progress.total = \
+                    "installing", 0, 1
+        if cancelled:
+            self._finish("cancelled")
+            return
+        self._publish(force=True)
         installed = self.install(Path(final["out"]))
         self._finish("done", result={**installed, "evaluation": final.get("evaluation"),
                                      "photos": final.get("photos"),
