@@ -487,3 +487,28 @@ def test_capture_then_teach_installs_a_bundle_that_knows_the_item(tmp_path, caps
     taught = Classifier("demo", models_dir=state / "models")
     assert "厨余垃圾_葡萄" in taught.bundle.label_names
     assert accuracy(taught, NEW[0]) >= 0.8
+
+
+def test_capture_on_a_camera_the_service_holds_says_what_to_do(tmp_path, capsys, monkeypatch):
+    """picamera2 refuses a second opener ("Device or resource busy"): the capture is one
+    line naming the way round (cmd/capture to the running service, or stopping it)."""
+    from tests.test_picamera import FAKE_DIR
+
+    monkeypatch.syspath_prepend(str(FAKE_DIR))
+    sys.modules.pop("picamera2", None)
+    import picamera2
+
+    picamera2.reset()
+    picamera2.settings.fail_open = RuntimeError("Failed to acquire camera: Device or "
+                                                "resource busy")
+    config = tmp_path / "bin.toml"
+    config.write_text('[hardware]\npin_factory = "mock"\n[camera]\ntype = "picamera2"\n'
+                      'warmup_s = 0.0\nled_settle_s = 0.0\n', encoding="utf-8")
+    try:
+        line = error_line(capsys, "teach", "--capture", "banana peel", "--shots", "1",
+                          "--config", config, "--state-dir", tmp_path / "state")
+    finally:
+        picamera2.reset()
+        sys.modules.pop("picamera2", None)
+    assert "resource busy" in line and "send it MQTT cmd/capture instead" in line
+    assert not captured(tmp_path / "state", "厨余垃圾_香蕉皮")
