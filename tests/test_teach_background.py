@@ -40,6 +40,9 @@ class TeachBin(PhotoBin):
         result = self.simulation.drop(batch)
         assert not result.timed_out
         self.dropped += len(batch)
+        # The site log learns of an item on the photo writer's thread: reviewable once
+        # the writer has caught up.
+        assert self.photos.flush()
         return batch
 
     def teaches(self) -> list[dict]:

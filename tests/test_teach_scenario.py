@@ -47,6 +47,7 @@ def sort_fixed(b: TeachBin, fixed) -> tuple[float, list[str | None]]:
     result = b.simulation.drop(batch)
     assert not result.timed_out
     b.dropped += len(batch)
+    assert b.photos.flush()
     places = [i.compartment for i in batch]
     return sum(i.compartment == i.true_bin for i in batch) / len(batch), places
 
