@@ -13,7 +13,9 @@ import logging
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from gpiozero import Factory
 
@@ -38,7 +40,12 @@ from bin_controller.photolog import PhotoLog, photos_dir
 from bin_controller.sitelog import SiteLog
 from bin_controller.sorter import SortingLoop
 from bin_controller.store import Store
+from bin_controller.teaching import TeachJob
 from bin_controller.vision.classifier import Classifier
+
+if TYPE_CHECKING:
+    from bin_controller.mqtt.commands import Handler
+    from bin_controller.review import Reviews
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +211,35 @@ def _route_store_faults(store: Store, loop: SortingLoop,
         loop.report_fault(kind, detail)
 
 
+def _teach_job(cfg: Config, loop: SortingLoop, reviews: Reviews, reload_model: Handler,
+               on_change: Callable[[], None]) -> TeachJob:
+    """`cmd/teach`: the running bundle taught from the reviewed photos in a child process,
+    the accepted bundle installed in the models folder and swapped in by `reload_model`."""
+    from bin_controller.model_updates import ModelsFolder
+
+    def install(bundle_dir: Path) -> dict[str, Any]:
+        installed = ModelsFolder(cfg.model.dir).install(bundle_dir)
+        reloaded = reload_model({"bundle": installed.name})
+        return {"installed": installed.version, **reloaded}
+
+    def base() -> tuple[Path, str]:
+        bundle = loop.classifier.bundle
+        return bundle.path, bundle.name
+
+    return TeachJob(state_dir=Path(cfg.bin.state_dir), export=reviews.export, base=base,
+                    install=install, on_change=on_change,
+                    backbone=cfg.model.backbone or None)
+
+
+def _with_teach(loop: SortingLoop, job: TeachJob) -> Callable[[], dict[str, Any]]:
+    """The retained state's status with the background teach's progress (null before the
+    first teach)."""
+    def status() -> dict[str, Any]:
+        return {**loop.status(), "teach": job.snapshot()}
+
+    return status
+
+
 def _telemetry(cfg: Config, loop: SortingLoop, store: Store, photos: PhotoLog | None,
                fill: FillTracker | None) -> Telemetry:
     from bin_controller.model_updates import ModelsFolder
@@ -211,6 +247,7 @@ def _telemetry(cfg: Config, loop: SortingLoop, store: Store, photos: PhotoLog | 
     from bin_controller.mqtt.fill_commands import make_fill_handlers
     from bin_controller.mqtt.model_commands import make_model_handlers
     from bin_controller.mqtt.review_commands import make_review_handlers
+    from bin_controller.mqtt.teach_commands import make_capture_handler, make_teach_handlers
     from bin_controller.review import Reviews
 
     telemetry: Telemetry | None = None
@@ -234,15 +271,24 @@ def _telemetry(cfg: Config, loop: SortingLoop, store: Store, photos: PhotoLog | 
     handlers.update(make_model_handlers(ModelsFolder(cfg.model.dir),
                                         lambda: loop.classifier.bundle.name,
                                         handlers["reload_model"]))
+    status = loop.status
+    teach_job = None
     if photos is not None:
         # The labels of the model running now: a reload_model changes what a review knows.
         reviews = Reviews(photos.sitelog, photos.folder,
                           lambda: loop.classifier.bundle.labels)
         handlers.update(make_review_handlers(reviews, photos, publish_reply, counts_changed))
+        teach_job = _teach_job(cfg, loop, reviews, handlers["reload_model"], model_changed)
+        handlers.update(make_teach_handlers(teach_job))
+        handlers.update(make_capture_handler(loop, cfg.bin.state_dir,
+                                             lambda: loop.classifier.bundle.labels))
+        status = _with_teach(loop, teach_job)
     if fill is not None:
         handlers.update(make_fill_handlers(fill))
     telemetry = Telemetry(cfg.mqtt, bin_id=cfg.bin.id, store=store, commands=handlers,
-                          status=loop.status, photos=photos, fill=fill)
+                          status=status, photos=photos, fill=fill)
+    if teach_job is not None:
+        telemetry.on_stop.append(teach_job.stop)
     loop.on_event.append(telemetry.on_event)
     loop.on_state.append(telemetry.on_state)
     loop.on_fault.append(telemetry.on_fault)

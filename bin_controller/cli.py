@@ -340,6 +340,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _add_teach_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from bin_controller.bins import BINS
+
     p = sub.add_parser("teach", help="teach a bundle new labels from a few photos, check it "
                                      "against its base, optionally install it")
     p.add_argument("--data", type=path_arg, help="class folders of photos (like train's)")
@@ -369,6 +371,28 @@ def _add_teach_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--seed", type=whole(0, MAX_SEED), default=0)
     p.add_argument("--config", default=None, type=name_or_path, help="TOML configuration file")
     p.add_argument("--state-dir", type=path_arg, help="override bin.state_dir")
+    p.add_argument("--capture", metavar="LABEL",
+                   help="photograph the item on the flap --shots times into the site's "
+                        "teach data (<state dir>/captures/); with --install or --out, then "
+                        "teach from the reviewed and captured photos")
+    p.add_argument("--bin", choices=BINS, help="the bin of a --capture label the "
+                                               "configured bundle does not know")
+    p.add_argument("--shots", type=whole(1, 100), default=10,
+                   help="photos per --capture (default 10)")
+    p.add_argument("--interval", type=number(0, 60), default=0.3,
+                   help="seconds between --capture shots (default 0.3)")
+    p.add_argument("--simulate", action="store_true",
+                   help="--capture with the simulator's camera and mock pins")
+    p.add_argument("--item", help="on the simulator: the kind of simulated item laid on the "
+                                  "flap for --capture (default: the label)")
+    p.add_argument("--progress-json", action="store_true",
+                   help="progress and the outcome as JSON lines on stdout (the service's "
+                        "background teach reads them); messages go to stderr")
+    p.add_argument("--threads", type=whole(1, 64), default=2,
+                   help="threads of the backbone while the teach extracts features "
+                        "(default 2)")
+    p.add_argument("--nice", type=whole(0, 19), default=0,
+                   help="lower the teach's CPU priority by this much (default 0)")
     p.set_defaults(func=cmd_teach)
 
     p = sub.add_parser("models", help="the models folder: install, list, roll back versions")

@@ -180,6 +180,21 @@ class SortingLoop:
         cam = self.cfg.camera
         return self._submit(settle, timeout=cam.warmup_s + cam.timeout_s + 10)
 
+    def photograph_paused(self) -> np.ndarray:
+        """A frame of what lies on the flap while the bin is paused (MQTT `cmd/capture`),
+        taken on the loop's thread so that it never meets a cycle's own capture."""
+
+        def shoot() -> np.ndarray:
+            if not self._paused:
+                raise BusyError("pause the bin first (cmd/pause), lay the item on the flap, "
+                                "then capture; take it off before resuming")
+            if not self.sensor.present:
+                raise CommandError("nothing on the flap: lay the item on it (the bin is "
+                                   "paused, so it stays there)")
+            return np.asarray(self.camera.capture())
+
+        return self._submit(shoot, timeout=self.cfg.camera.timeout_s + 5)
+
     def status(self) -> dict[str, Any]:
         bundle = self.classifier.bundle
         return {"paused": self._paused, "model": bundle.name, "model_version": bundle.version,

@@ -542,7 +542,7 @@ def test_a_fault_during_an_outage_arrives_afterwards(broker, tmp_path):
 # ---------------------------------------------------------------------- Home Assistant, fuller
 
 STATE_FIELDS = {"state", "detail", "paused", "model", "model_version", "backend", "faults",
-                "last_fault"}
+                "last_fault", "teach"}
 
 
 def retained_state(listener, base="smartbin/t1"):
@@ -558,7 +558,7 @@ def test_the_first_retained_state_after_a_start_has_every_field(running_bin):
     assert all(set(s) == STATE_FIELDS for s in states), states
     assert states[0] == {"state": "idle", "detail": "", "paused": False, "model": "demo",
                          "model_version": "1.0.0", "backend": "litert", "faults": {},
-                         "last_fault": None}
+                         "last_fault": None, "teach": None}
     listener.close()
 
 

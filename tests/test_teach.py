@@ -409,3 +409,106 @@ def test_teach_from_review_installs_over_the_configured_bundle(tmp_path, base_da
     assert set(taught.label_names) == set(DEMO_LABELS) | {k.name for k in NEW}
     files = [p["file"] for p in taught.provenance["photos"]]
     assert len(files) == 36 and all(f.endswith(".jpg") for f in files)
+
+
+# ------------------------------------------------------------------ --capture on the simulator
+
+
+def captured(state: Path, folder: str) -> list[Path]:
+    return sorted((state / "captures" / folder).glob("*.jpg"))
+
+
+def purple_share(path: Path) -> float:
+    """The share of a photo in the grapes' purple (the empty flap has none)."""
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return float(((r > g + 40) & (b > g + 40)).mean())
+
+
+def test_capture_photographs_the_simulated_item_on_the_flap(tmp_path, capsys):
+    state = tmp_path / "state"
+    code, out, err = run("teach", "--capture", "厨余垃圾_葡萄", "--bin", "kitchen", "--shots",
+                         4, "--interval", 0, "--simulate", "--state-dir", state, capsys=capsys)
+    assert code == 0, err
+    photos = captured(state, "厨余垃圾_葡萄")
+    assert len(photos) == 4
+    assert "captured 4 photos of '厨余垃圾_葡萄' (kitchen, a new label)" in out
+    assert all(purple_share(p) > 0.02 for p in photos)  # the grapes, not the empty flap
+    # The item shifts between shots: no two photos alike.
+    assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in photos}) == 4
+    # A second item of the label adds to the same folder.
+    assert run("teach", "--capture", "grapes", "--bin", "kitchen", "--item", "grapes",
+               "--shots", 2, "--interval", 0, "--simulate", "--state-dir", state)[0] == 0
+    assert len(captured(state, "厨余垃圾_grapes")) == 2  # 'grapes' is its own new label
+    # A label of the configured bundle by its English name: its own folder and bin.
+    assert run("teach", "--capture", "banana peel", "--shots", 1, "--interval", 0,
+               "--simulate", "--state-dir", state)[0] == 0
+    assert len(captured(state, "厨余垃圾_香蕉皮")) == 1
+
+
+def test_capture_mistakes_are_one_line(tmp_path, capsys):
+    state = tmp_path / "state"
+    base = ["--shots", "1", "--interval", "0", "--state-dir", str(state)]
+    for args, words in (
+            (["--capture", "coffee cup", "--simulate", "--item", "face mask"],
+             "is not a label of the model; give its bin with --bin"),
+            (["--capture", "banana peel", "--bin", "other", "--simulate"],
+             "goes in kitchen in the model"),
+            (["--capture", "../x", "--bin", "other", "--simulate"], "give a label name"),
+            (["--capture", "coffee cup", "--bin", "other", "--simulate"],
+             "--item 'coffee cup': not a simulator item kind"),
+            (["--capture", "coffee cup", "--bin", "other", "--item", "face mask"],
+             "--item lays a simulated item on the flap: only with --simulate"),
+            (["--data", str(tmp_path), "--item", "grapes", "--out", str(tmp_path / "o")],
+             "--item goes with --capture"),
+            (["--data", str(tmp_path), "--capture", "grapes", "--bin", "kitchen"],
+             "give one of --data, --from-review or --capture")):
+        line = error_line(capsys, "teach", *args, *base)
+        assert words in line, (args, line)
+    assert not (state / "captures").exists() or not any((state / "captures").rglob("*.jpg"))
+
+
+def test_capture_then_teach_installs_a_bundle_that_knows_the_item(tmp_path, capsys):
+    """Items laid on the simulated flap one after another, a few shots each, then the last
+    capture teaches (--install) from everything captured: the demo learns grapes."""
+    state = tmp_path / "state"
+    common = ["--interval", "0", "--simulate", "--state-dir", state]
+    for seed, kind in enumerate(items.KINDS):
+        assert run("teach", "--capture", kind.name, "--shots", 5, "--seed", seed,
+                   *common)[0] == 0
+    assert run("teach", "--capture", "厨余垃圾_葡萄", "--bin", "kitchen", "--shots", 5,
+               "--seed", 20, *common)[0] == 0
+    capsys.readouterr()
+    code, out, err = run("teach", "--capture", "厨余垃圾_葡萄", "--bin", "kitchen", "--shots",
+                         5, "--seed", 21, "--install", *common, capsys=capsys)
+    assert code == 0, err
+    assert "exported 0 reviewed photos of 0 labels and 50 captured photos" in out
+    assert "installed demo" in out
+    taught = Classifier("demo", models_dir=state / "models")
+    assert "厨余垃圾_葡萄" in taught.bundle.label_names
+    assert accuracy(taught, NEW[0]) >= 0.8
+
+
+def test_capture_on_a_camera_the_service_holds_says_what_to_do(tmp_path, capsys, monkeypatch):
+    """picamera2 refuses a second opener ("Device or resource busy"): the capture is one
+    line naming the way round (cmd/capture to the running service, or stopping it)."""
+    from tests.test_picamera import FAKE_DIR
+
+    monkeypatch.syspath_prepend(str(FAKE_DIR))
+    sys.modules.pop("picamera2", None)
+    import picamera2
+
+    picamera2.reset()
+    picamera2.settings.fail_open = RuntimeError("Failed to acquire camera: Device or "
+                                                "resource busy")
+    config = tmp_path / "bin.toml"
+    config.write_text('[hardware]\npin_factory = "mock"\n[camera]\ntype = "picamera2"\n'
+                      'warmup_s = 0.0\nled_settle_s = 0.0\n', encoding="utf-8")
+    try:
+        line = error_line(capsys, "teach", "--capture", "banana peel", "--shots", "1",
+                          "--config", config, "--state-dir", tmp_path / "state")
+    finally:
+        picamera2.reset()
+        sys.modules.pop("picamera2", None)
+    assert "resource busy" in line and "send it MQTT cmd/capture instead" in line
+    assert not captured(tmp_path / "state", "厨余垃圾_香蕉皮")

@@ -60,6 +60,9 @@ STUDY_INPUT = {"size": [224, 224], "color": "RGB", "crop": "none", "crop_fractio
                "mean": 128.0, "std": 128.0}
 
 Log = Callable[[str], None]
+# (phase, done, total): features (a backbone pass per photo and view), fitting (the head
+# fits: the holdout check's and the final one), checking (the base's test photos).
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -199,7 +202,8 @@ class _Backbone:
     cache_key: str
 
 
-def _base_backbone(base: Bundle, backbone: str | None, backend: str) -> tuple[_Backbone,
+def _base_backbone(base: Bundle, backbone: str | None, backend: str,
+                   threads: int = 2) -> tuple[_Backbone,
                                                                                list[Dense]]:
     """The base's first stage as the feature extractor, and its head as dense layers."""
     if len(base.stages) != 2:
@@ -216,7 +220,7 @@ def _base_backbone(base: Bundle, backbone: str | None, backend: str) -> tuple[_B
         raise BundleError(f"{base.path}: teach needs a square input, not "
                           f"{spec.width}x{spec.height}")
     extractor = StageFeatures(models[0], size=spec.width, mean=spec.mean, std=spec.std,
-                              backend=backend)
+                              backend=backend, num_threads=threads)
     stage = dict(base.manifest["stages"][0])
     first = base.stages[0]
     if first.source is not None:
@@ -234,7 +238,7 @@ def _base_backbone(base: Bundle, backbone: str | None, backend: str) -> tuple[_B
     return _Backbone(stage, file, extractor, key), layers
 
 
-def _study_backbone(backbone: str | None, backend: str) -> _Backbone:
+def _study_backbone(backbone: str | None, backend: str, threads: int = 2) -> _Backbone:
     from training.train import POOLED, _backbone
 
     remote, original = _backbone(backbone)
@@ -242,7 +246,8 @@ def _study_backbone(backbone: str | None, backend: str) -> _Backbone:
         derived = tflite_format.truncate_at_tensor(original, POOLED)
     except tflite_format.TFLiteFormatError as exc:
         raise SmartbinError(f"backbone: {exc}") from exc
-    extractor = StageFeatures(derived, size=224, mean=128.0, std=128.0, backend=backend)
+    extractor = StageFeatures(derived, size=224, mean=128.0, std=128.0, backend=backend,
+                              num_threads=threads)
     stage = {"role": "backbone", "source": {"url": remote.url, "sha256": remote.sha256,
                                             "member": remote.member}, "output": POOLED}
     return _Backbone(stage, None, extractor, remote.sha256)
@@ -335,8 +340,9 @@ def teach(data: Path, out: Path | None, *, base: str | Path | None = None,
           models_dir: str | Path | None = None, bins: Path | None = None,
           backbone: str | None = None, base_data: Path | None = None,
           margin: float = DEFAULT_MARGIN, seed: int = 0, backend: str = "auto",
+          threads: int = 2,
           name: str | None = None, progress: bool | None = None,
-          log: Log = print) -> TeachOutcome:
+          log: Log = print, on_progress: Progress | None = None) -> TeachOutcome:
     """Teach, check and (when accepted) write the new bundle to `out`; a rejected teach
     raises Rejected and writes nothing."""
     started = time.perf_counter()
@@ -352,13 +358,13 @@ def teach(data: Path, out: Path | None, *, base: str | Path | None = None,
     base_head: list[Dense] | None = None
     if ready:
         assert base_bundle is not None
-        bb, base_head = _base_backbone(base_bundle, backbone, backend)
+        bb, base_head = _base_backbone(base_bundle, backbone, backend, threads)
         labels = list(base_bundle.labels)
         if base_head[-1].weight.shape[0] != len(labels):
             raise BundleError(f"{base_bundle.path}: the head has {base_head[-1].weight.shape[0]}"
                               f" outputs for {len(labels)} labels")
     else:
-        bb = _study_backbone(backbone, backend)
+        bb = _study_backbone(backbone, backend, threads)
         labels = []
     n_base = len(labels)
     taught = sorted((f for f in folders if f.base_index is None or not ready),
@@ -385,7 +391,10 @@ def teach(data: Path, out: Path | None, *, base: str | Path | None = None,
     deploy, flip_view = views
     tta = ready and base_bundle is not None and base_bundle.test_time_flip
     cache = FeatureCache(cache_dir() / "features", bb.cache_key)
-    feats, stats = extract(samples, views, bb.extractor, cache, progress=progress)
+    report = on_progress or (lambda _phase, _done, _total: None)
+    feats, stats = extract(samples, views, _counted(bb.extractor, cache, samples, views,
+                                                    "features", report),
+                           cache, progress=progress)
     if stats["computed"]:
         log(f"features: {stats['computed']} computed ({stats['images_per_s']:.1f} images/s), "
             "the rest from the cache")
@@ -410,9 +419,12 @@ def teach(data: Path, out: Path | None, *, base: str | Path | None = None,
     checks: list[tuple[str, float, float, int]] = []  # (what, base, new, n) on old labels
 
     held = _holdout(y, seed)
+    fits = 1 if held is None else 2
+    report("fitting", 0, fits)
     if held is not None:
         kept = np.setdiff1d(np.arange(len(y)), held)
         _, _, check_head = fit(kept)
+        report("fitting", 1, fits)
         probs = _scores(_Head(check_head, quant, backend), feats, deploy, flip, held)
         truth = y[held]
         old = truth < n_base
@@ -433,6 +445,7 @@ def teach(data: Path, out: Path | None, *, base: str | Path | None = None,
                f"{row['old_labels_top1_new']:.1%}" if "old_labels_top1_base" in row else ""))
 
     result, layers, head = fit(np.arange(len(y)))
+    report("fitting", fits, fits)
     evaluation["cv"] = {"scheme": result.cv_scheme, "top1": result.cv_top1,
                         "ece": result.cv_ece}
     if held is None:
@@ -442,7 +455,8 @@ def teach(data: Path, out: Path | None, *, base: str | Path | None = None,
 
     if ready and base_runner is not None:
         assert base_bundle is not None
-        base_test = _base_test(base_bundle, base_data, samples, bb, cache, views, progress)
+        base_test = _base_test(base_bundle, base_data, samples, bb, cache, views, progress,
+                               report)
         if base_test is not None:
             test_samples, test_feats, source = base_test
             truth = np.array([s.label for s in test_samples])
@@ -494,8 +508,8 @@ def teach(data: Path, out: Path | None, *, base: str | Path | None = None,
 
 
 def _base_test(base: Bundle, base_data: Path | None, taught: list[Sample], bb: _Backbone,
-               cache: FeatureCache, views: tuple[str, ...], progress: bool | None
-               ) -> tuple[list[Sample], dict[str, np.ndarray], str] | None:
+               cache: FeatureCache, views: tuple[str, ...], progress: bool | None,
+               report: Progress) -> tuple[list[Sample], dict[str, np.ndarray], str] | None:
     """The base's test photos (its recorded split under base_data, or every photo of its
     labels there), minus any the teach was given."""
     if base_data is None:
@@ -523,8 +537,37 @@ def _base_test(base: Bundle, base_data: Path | None, taught: list[Sample], bb: _
     samples = [s for s in samples if s.sha256 not in given]
     if not samples:
         return None
-    feats, _ = extract(samples, views, bb.extractor, cache, progress=progress)
+    feats, _ = extract(samples, views, _counted(bb.extractor, cache, samples, views,
+                                                "checking", report), cache, progress=progress)
     return samples, feats, source
+
+
+class _Counted:
+    """The feature extractor, telling `report` of every backbone pass: `extract` runs one
+    per photo and view the cache lacks, so their number is known before it starts."""
+
+    def __init__(self, inner: StageFeatures, phase: str, total: int,
+                 report: Progress) -> None:
+        self.inner, self.phase, self.total, self.report = inner, phase, total, report
+        self.done = 0
+        self.spec = inner.spec
+        report(phase, 0, total)
+
+    @property
+    def quant(self) -> Quant:
+        return self.inner.quant
+
+    def raw_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        out = self.inner.raw_pixels(pixels)
+        self.done += 1
+        self.report(self.phase, self.done, self.total)
+        return out
+
+
+def _counted(extractor: StageFeatures, cache: FeatureCache, samples: list[Sample],
+             views: tuple[str, ...], phase: str, report: Progress) -> Any:
+    total = sum(1 for s in samples for v in views if cache.get(v, s.sha256) is None)
+    return _Counted(extractor, phase, total, report)
 
 
 def _manifest(name: str, base: Bundle | None, ready: bool, bb: _Backbone, labels: list[Label],
@@ -613,51 +656,138 @@ def write_bundle(out: Path, manifest: dict[str, Any], head: bytes, layers: list[
 
 
 def from_review(cfg: Any, dest: Path) -> dict[str, Any]:
-    """Export the bin's reviewed photos (the site dataset) into dest."""
+    """Export the bin's reviewed photos (the site dataset) into dest, with the photos of
+    `--capture` beside them."""
+    from bin_controller.captures import CAPTURES, add_captures
+    from bin_controller.errors import StoreError
+    from bin_controller.sitelog import SITELOG_NAME
     from bin_controller.tools.review_cmd import opened
 
-    with opened(cfg) as reviews:
-        exported: dict[str, Any] = reviews.export(dest)
+    state = Path(cfg.bin.state_dir).expanduser()
+    captures = state / CAPTURES
+    try:
+        with opened(cfg) as reviews:
+            exported: dict[str, Any] = reviews.export(dest)
+    except StoreError:
+        # A bin that has only captured photos so far has no site log yet.
+        if (state / SITELOG_NAME).is_file() or not captures.is_dir():
+            raise
+        exported = {"dir": str(dest), "photos": 0, "classes": {}, "skipped": 0}
+    exported["captured"] = add_captures(captures, dest)
     return exported
+
+
+class _JsonProgress:
+    """`--progress-json`: one JSON object a line on stdout, for the service's teach job;
+    a phase's first and last step always, between them at most every 0.2 s."""
+
+    def __init__(self) -> None:
+        self.last = (None, 0.0)
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if phase == self.last[0] and 0 < done < total and now - self.last[1] < 0.2:
+            return
+        self.last = (phase, now)
+        self.emit({"phase": phase, "done": done, "total": total})
+
+    @staticmethod
+    def emit(message: dict[str, Any]) -> None:
+        print(json.dumps(message, ensure_ascii=False), flush=True)
 
 
 def run(args: Any) -> int:
     """`smartbin teach`, argparse namespace in, exit code out."""
-    from bin_controller.config import load_config
+    import sys
+
+    from bin_controller.config import load_config, merge
     from bin_controller.model_updates import ModelsFolder
     from bin_controller.overrides import cli_overrides
+    from bin_controller.teaching import nice_self
 
-    if args.data is None and not args.from_review:
-        raise SmartbinError("give --data DIR (class folders of photos) or --from-review")
-    if args.data is not None and args.from_review:
-        raise SmartbinError("give --data or --from-review, not both")
-    if args.out is None and not args.install:
+    nice_self(getattr(args, "nice", 0) or 0)
+    progress_json = bool(getattr(args, "progress_json", False))
+    capture_label = getattr(args, "capture", None)
+    sources = [args.data is not None, bool(args.from_review), capture_label is not None]
+    if not any(sources):
+        raise SmartbinError("give --data DIR (class folders of photos), --from-review or "
+                            "--capture LABEL")
+    if sum(sources) > 1:
+        raise SmartbinError("give one of --data, --from-review or --capture")
+    if capture_label is None and (getattr(args, "item", None) is not None):
+        raise SmartbinError("--item goes with --capture (a simulated item on the flap)")
+    if args.out is None and not args.install and capture_label is None:
         raise SmartbinError("give --out DIR for the new bundle, or --install to put it in "
                             "the models folder")
-    cfg = load_config(args.config, cli_overrides(args))
+    overrides = cli_overrides(args)
+    if getattr(args, "simulate", False):
+        overrides = merge({"camera": {"type": "simulated"},
+                           "hardware": {"pin_factory": "mock"}}, overrides)
+    cfg = load_config(args.config, overrides)
+    say: Log = print
+    if progress_json:
+        def say(message: str) -> None:  # stdout carries the JSON lines
+            print(message, file=sys.stderr, flush=True)
+    if capture_label is not None:
+        from training.capture import capture
+
+        got = capture(cfg, capture_label, getattr(args, "bin", None), shots=args.shots,
+                      interval_s=args.interval, item=getattr(args, "item", None),
+                      seed=args.seed)
+        say(f"captured {len(got.files)} photos of {got.label!r} ({got.bin}"
+            + (", a new label" if got.new_label else "") + f") in {got.folder}; "
+            f"{got.total} photos of it there now")
+        if args.out is None and not args.install:
+            say("teach from them and the reviewed photos with `smartbin teach --from-review "
+                "--install` or MQTT cmd/teach (more items of the label first: a few items, "
+                "a few shots each)")
+            return 0
     base = args.base if args.base is not None else (
-        cfg.model.bundle if args.from_review or args.install else None)
+        cfg.model.bundle if args.from_review or args.install or capture_label else None)
     with tempfile.TemporaryDirectory(prefix="smartbin-teach-") as tmp:
         data = args.data
-        if args.from_review:
+        if args.from_review or capture_label is not None:
             data = Path(tmp) / "site"
             exported = from_review(cfg, data)
-            print(f"exported {exported['photos']} reviewed photos of "
-                  f"{len(exported['classes'])} labels")
-            if not exported["photos"]:
+            say(f"exported {exported['photos']} reviewed photos of "
+                f"{len(exported['classes'])} labels"
+                + (f" and {exported['captured']} captured photos"
+                   if exported["captured"] else ""))
+            if not exported["photos"] and not exported["captured"]:
                 raise DatasetError("no reviewed photos with a label to teach from; review "
                                    "some items first (smartbin review label)")
         out = args.out if args.out is not None else Path(tmp) / "bundle" / (
             load_bundle(base, models_dir=cfg.model.dir).name if base else "taught")
+        reporter = _JsonProgress() if progress_json else None
         # A Rejected teach is a SmartbinError: one line, exit 2, nothing written.
-        teach(data, out, base=base, models_dir=cfg.model.dir, bins=args.bins,
-              backbone=args.backbone or cfg.model.backbone or None, base_data=args.base_data,
-              margin=args.margin, seed=args.seed, name=args.name)
+        try:
+            outcome = teach(data, out, base=base, models_dir=cfg.model.dir, bins=args.bins,
+                            backbone=args.backbone or cfg.model.backbone or None,
+                            base_data=args.base_data, margin=args.margin, seed=args.seed,
+                            name=args.name, log=say, on_progress=reporter,
+                            threads=getattr(args, "threads", 2),
+                            progress=False if progress_json else None)
+        except Rejected as exc:
+            if reporter is not None:
+                reporter.emit({"phase": "rejected", "error": str(exc),
+                               "evaluation": exc.evaluation})
+            raise
+        except SmartbinError as exc:
+            if reporter is not None:
+                reporter.emit({"phase": "failed", "error": str(exc)})
+            raise
+        if reporter is not None:
+            manifest = outcome.manifest
+            reporter.emit({"phase": "written", "out": str(out), "name": manifest["name"],
+                           "version": manifest["version"], "evaluation": outcome.evaluation,
+                           "photos": len(manifest["provenance"]["photos"]),
+                           "labels": [lab["name"] for lab in manifest["labels"]],
+                           "seconds": round(outcome.seconds, 2)})
         if args.install:
             installed = ModelsFolder(cfg.model.dir).install(out, keep=args.keep)
-            print(f"installed {installed.name} {installed.version} in {cfg.model.dir}"
-                  + (f" (previous: {installed.previous})" if installed.previous else "")
-                  + "; send reload_model or restart the service to use it")
+            say(f"installed {installed.name} {installed.version} in {cfg.model.dir}"
+                + (f" (previous: {installed.previous})" if installed.previous else "")
+                + "; send reload_model or restart the service to use it")
     return 0
 
 

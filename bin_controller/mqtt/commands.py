@@ -43,7 +43,8 @@ PRIORITY = frozenset({"pause", "resume"})
 # loop itself; `reload_model` loads a bundle and then waits up to 120 s for the loop to
 # swap it in between items.
 TIME_LIMIT_S = 15.0
-TIME_LIMITS_S: Mapping[str, float] = {"reload_model": 180.0, "rollback": 180.0}
+TIME_LIMITS_S: Mapping[str, float] = {"reload_model": 180.0, "rollback": 180.0,
+                                       "capture": 60.0}
 # A bundle name is one folder name: well under every file system's 255-byte limit.
 MAX_BUNDLE_NAME = 100
 

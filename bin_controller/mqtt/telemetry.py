@@ -17,7 +17,7 @@ published again and the command subscriptions are made again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
@@ -86,6 +86,8 @@ class Telemetry:
         self._pictures = Pictures(self._conn, self.base, lambda: photos.last) \
             if photos is not None else None
         self._commands = Commands(commands, reply=self._reply)
+        # Work of the bin's that must end before telemetry does (a background teach).
+        self.on_stop: list[Callable[[], None]] = []
         self._owner = OwnerClaim(self._conn, self.base, bin_id, on_duplicate=self.report_fault)
 
         self._conn.on_connect(self._outbox.on_connect)
@@ -109,6 +111,8 @@ class Telemetry:
         self._commands.start()
 
     def stop(self, *, drain_s: float = 0.0) -> None:
+        for stop in self.on_stop:
+            stop()
         if drain_s and self.connected.is_set():
             self.drain(drain_s)
         if self.photos is not None and self.connected.is_set():
