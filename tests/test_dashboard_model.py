@@ -104,6 +104,25 @@ def test_no_message_of_the_wrong_shape_breaks_the_view():
     assert view["image_seq"] is None
 
 
+def test_a_background_teach_is_shown_from_the_state_field_by_field():
+    fleet = Fleet(P)
+    fleet.take(f"{P}/b1/state", json.dumps({"state": "idle", "teach": {
+        "phase": "features", "done": 12, "total": 40, "started": 5.0}}).encode())
+    assert fleet.snapshot()[0]["state"]["teach"] == {
+        "phase": "features", "done": 12, "total": 40, "error": None, "version": None}
+    fleet.take(f"{P}/b1/state", json.dumps({"state": "idle", "teach": {
+        "phase": "done", "result": {"version": "1.0+teach.20261128T1100Z"}}}).encode())
+    assert fleet.snapshot()[0]["state"]["teach"]["version"] == "1.0+teach.20261128T1100Z"
+    # A phase the dashboard does not know, counts that are not counts, a result that is not
+    # an object: shown as unknown, never passed through.
+    fleet.take(f"{P}/b1/state", json.dumps({"state": "idle", "teach": {
+        "phase": "<b>x</b>", "done": -1, "total": "40", "result": [1]}}).encode())
+    assert fleet.snapshot()[0]["state"]["teach"] == {
+        "phase": None, "done": None, "total": None, "error": None, "version": None}
+    fleet.take(f"{P}/b1/state", json.dumps({"state": "idle", "teach": None}).encode())
+    assert fleet.snapshot()[0]["state"]["teach"] is None
+
+
 def test_topics_that_are_not_a_bins_are_ignored():
     fleet = Fleet(P)
     for topic in (f"{P}/counts", "other/b1/counts", f"{P}//counts", f"{P}/{'x' * 300}/counts",

@@ -83,6 +83,21 @@ def obj(value: JsonValue | None) -> JsonObject:
     return value if isinstance(value, dict) else {}
 
 
+TEACH_PHASES = ("exporting", "features", "fitting", "checking", "installing", "done",
+                 "rejected", "failed", "cancelled")
+
+
+def teach_progress(data: JsonValue | None) -> dict[str, Any] | None:
+    """The `teach` of a bin's state (a background teach), or None when it has none."""
+    if not isinstance(data, dict):
+        return None
+    phase = data.get("phase")
+    result = obj(data.get("result"))
+    return {"phase": phase if isinstance(phase, str) and phase in TEACH_PHASES else None,
+            "done": whole(data.get("done")), "total": whole(data.get("total")),
+            "error": text(data.get("error")), "version": text(result.get("version"))}
+
+
 def bin_id_ok(bin_id: str) -> bool:
     """A bin id the dashboard shows: one topic level, printable, not absurdly long."""
     return 0 < len(bin_id) <= MAX_BIN_ID and bin_id.isprintable() \
@@ -226,7 +241,8 @@ class Fleet:
                 "backend": text(data.get("backend")),
                 "faults": {k[:MAX_TEXT]: n for k, v in obj(data.get("faults")).items()
                            if (n := whole(v)) is not None},
-                "last_fault": text(data.get("last_fault"))}
+                "last_fault": text(data.get("last_fault")),
+                "teach": teach_progress(data.get("teach"))}
         elif kind in (EVENT, LAST):
             shown = item(data)
             if shown["seq"] is None:

@@ -60,6 +60,12 @@ function renderView() {
   if (c) fact(status, "reviewed", `${pct(c.reviewed_fraction)} of items (${num(c.reviewed)}, ${num(c.wrong)} wrong)`);
   fact(status, "state detail", s.detail || "–");
   fact(status, "paused", s.paused === null || s.paused === undefined ? "?" : s.paused ? "yes" : "no", "paused");
+  const teach = s.teach;
+  if (teach) {
+    const step = teach.total ? ` ${num(teach.done)} / ${num(teach.total)}` : "";
+    const tail = teach.error || (teach.phase === "done" && teach.version ? "model " + teach.version : "");
+    fact(status, "teach", (teach.phase || "?") + step + (tail ? " · " + tail : ""), "teach");
+  }
   const st = view.stats || {};
   if (st.uptime_s !== undefined) {
     fact(status, "uptime", st.uptime_s === null ? "?" : (st.uptime_s / 3600).toFixed(1) + " h");
