@@ -301,7 +301,10 @@ def test_a_teach_killed_mid_way_leaves_the_models_folder_as_it_was(tmp_path, bas
         delay += 0.4
     assert killed >= 2
     _, err = proc.communicate()
-    assert proc.returncode == 0, err
+    # Either it ran to the end, or the last kill landed after its install (checked above).
+    assert proc.returncode in (0, -signal.SIGKILL), err
+    if proc.returncode == 0:
+        assert (models / CURRENT).read_bytes() != before_current
     load_bundle("demo", models_dir=models)
     assert not list(models.glob(".tmp-*"))
 
