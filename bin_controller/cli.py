@@ -180,6 +180,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench_teach(args: argparse.Namespace) -> int:
+    # Training code: imported only when this benchmark runs (numpy fit, dataset reader).
+    from training import teach_bench
+
+    return teach_bench.run(args)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import logging
 
@@ -576,8 +583,36 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backbone", default=None, type=name_or_path)
     b.add_argument("--items", type=whole(1), default=1000)
     b.set_defaults(func=cmd_bench, bench_fn="run_service")
+    b = bench_sub.add_parser("teach", help="few-shot curve of the teach against its "
+                             "baselines, and the time of a 26 x 10-photo teach")
+    add_bench_teach_options(b)
+    b.set_defaults(func=cmd_bench_teach)
     _add_plugin_commands(CommandTables(sub, bench_sub))
     return parser
+
+
+def add_bench_teach_options(b: argparse.ArgumentParser) -> None:
+    """`smartbin bench teach`'s options, also `python -m training.teach_bench`'s (here so
+    that building the parser imports no training code)."""
+    b.add_argument("--data", type=path_arg, required=True, help="folder of class folders")
+    b.add_argument("--bins", type=name_or_path, help="class -> bin JSON file or shipped "
+                   "name, e.g. trashnet (default: the class folders' bin prefixes)")
+    b.add_argument("--backbone", type=name_or_path, help="MobileNetV2 .tflite file or folder")
+    b.add_argument("--cache", type=path_arg, help="feature cache folder (default: smartbin's)")
+    b.add_argument("--shots", default="1,5,10,20",
+                   help="photos per class to teach from (default 1,5,10,20)")
+    b.add_argument("--draws", type=whole(1), default=5,
+                   help="random draws of the taught photos per shot (default 5)")
+    b.add_argument("--seed", type=whole(0, MAX_SEED), default=0)
+    b.add_argument("--views", default="full,full_flip",
+                   help="views the teach learns from (default full,full_flip)")
+    b.add_argument("--ablations", action="store_true",
+                   help="also logistic regression on the teach's views")
+    b.add_argument("--json", type=path_arg, help="write the curve and timing as JSON")
+    b.add_argument("--plot", type=path_arg, help="draw the few-shot curve as PNG (plots extra)")
+    b.add_argument("--no-time", action="store_true",
+                   help="skip the timed teach of 26 classes x 10 photos")
+    b.add_argument("-v", "--verbose", action="store_true", help="a line per draw")
 
 
 @dataclass(frozen=True)

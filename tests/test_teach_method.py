@@ -6,11 +6,28 @@ negative ones, one cluster per class, and each photo's views close to each other
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 
+from bin_controller.errors import SmartbinError
+from tests.conftest import REPO, trashnet_sample
+from training import plots
 from training.head import Dense, forward, softmax, train_head
-from training.teach_bench import few_shot_curve, markdown
+from training.teach_bench import (
+    PI4_INVOKE_S,
+    few_shot_curve,
+    markdown,
+    parse_shots,
+    pi4_estimate,
+)
 from training.teach_method import (
     DEFAULT_PULL,
     DEFAULT_SCALE,
@@ -297,3 +314,108 @@ def test_few_shot_curve_compares_the_methods_on_the_same_draws() -> None:
     assert len(out["teach"]) == 4
     table = markdown(out)
     assert "| nearest class mean (imprinting alone) |" in table and "3 photos/class" in table
+
+
+def test_markdown_gap_is_the_teach_minus_the_better_baseline() -> None:
+    row = {"top1_sd": 0.0, "bin_accuracy": 0.9, "ece": 0.05}
+    result = {"shots": [5], "draws": 1, "n_photos": 10, "deploy_view": "full",
+              "teach_views": ["full"], "majority_bin_accuracy": 0.5,
+              "curve": {"teach": {5: {**row, "top1": 0.62}}, "ncm": {5: {**row, "top1": 0.60}},
+                        "logreg": {5: {**row, "top1": 0.55}}}}
+    assert "| teach minus the better baseline, top-1 | +2.0 pt |" in markdown(result)
+
+
+def test_shots_are_whole_numbers_of_at_least_one() -> None:
+    assert parse_shots("10,1,5,5") == [1, 5, 10]
+    for bad in ("", "0,5", "5,x", "-1"):
+        with pytest.raises(SmartbinError, match="--shots"):
+            parse_shots(bad)
+
+
+def test_pi4_estimate_uses_the_assumed_invoke_time_per_image() -> None:
+    # 100 images at 20 ms each here, 15 ms of it the invoke: 5 ms of decoding per image.
+    est = pi4_estimate(images=100, features_s=2.0, invoke_s=0.015, other_s=1.0)
+    slow = est["assumed_cpu_slowdown"]
+    assert est["seconds"] == pytest.approx(100 * (PI4_INVOKE_S + 0.005 * slow) + slow)
+    assert est["low_s"] < est["seconds"] < est["high_s"]
+
+
+def _curve_result() -> dict:
+    centres = make_world(3, seed=2)
+    feats, y = photos(centres, 12, spread=1.2, seed=4)
+    out = few_shot_curve(feats, y, bin_of=[0, 0, 3], shots=(1, 3, 5), draws=2)
+    out["methods"] = {"teach": "teach", "ncm": "nearest class mean", "logreg": "logreg"}
+    return out
+
+
+def test_few_shot_plot_has_labelled_axes_a_legend_and_the_curve() -> None:
+    out = _curve_result()
+    fig = plots.few_shot_figure(out, "Few-shot curve on mini")
+    assert [t.get_text() for t in fig.texts] == ["Few-shot curve on mini"]
+    top, bins = fig.axes
+    assert (top.get_xlabel(), top.get_ylabel()) == ("photos per class taught",
+                                                    "top-1 accuracy (%)")
+    assert bins.get_ylabel() == "bin accuracy (%)"
+    assert list(top.get_xticks()) == [1, 3, 5] and top.get_ylim() == (0, 100)
+    legend = [t.get_text() for t in top.get_legend().get_texts()]
+    assert legend == ["teach", "nearest class mean", "logreg"]
+    assert "always the commonest bin" in [t.get_text() for t in bins.get_legend().get_texts()]
+    # The drawn points are the curve's, in percent.
+    teach_line = top.lines[0]
+    assert list(teach_line.get_ydata()) == pytest.approx(
+        [100 * out["curve"]["teach"][s]["top1"] for s in (1, 3, 5)])
+
+
+def test_few_shot_plot_reads_the_json_it_was_written_to(tmp_path: Path) -> None:
+    # Shots are string keys after a JSON round trip.
+    out = json.loads(json.dumps(_curve_result()))
+    plots.few_shot_png(out, tmp_path / "curve.png", "Few-shot curve on mini")
+    with Image.open(tmp_path / "curve.png") as img:
+        assert img.format == "PNG" and img.info["Title"] == "Few-shot curve on mini"
+
+
+# --- smartbin bench teach, a real process on real photos and the real backbone -------------
+
+
+def _smartbin(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bin_controller", *args], capture_output=True,
+                          text=True, cwd=REPO, env=dict(os.environ), timeout=600)
+
+
+def test_bench_teach_prints_the_curve_times_a_teach_and_writes_json_and_plot(
+        tmp_path: Path, trashnet_dir: Path, mobilenet_file: Path) -> None:
+    data = tmp_path / "mini"
+    for photo in trashnet_sample(trashnet_dir, 8):
+        if photo.parent.name in ("cardboard", "glass", "metal"):
+            (data / photo.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(photo, data / photo.parent.name / photo.name)
+    run = _smartbin("bench", "teach", "--data", str(data), "--bins", "trashnet",
+                    "--backbone", str(mobilenet_file), "--cache", str(tmp_path / "cache"),
+                    "--shots", "1,3", "--draws", "2", "--json", str(tmp_path / "curve.json"),
+                    "--plot", str(tmp_path / "curve.png"))
+    assert run.returncode == 0, run.stderr
+    assert "| nearest class mean (imprinting alone) |" in run.stdout
+    assert "| logistic regression (C=1, standardised features) |" in run.stdout
+    assert "Raspberry Pi 4 estimate (not measured)" in run.stdout
+    doc = json.loads((tmp_path / "curve.json").read_text())
+    assert doc["shots"] == [1, 3] and doc["draws"] == 2 and doc["n_photos"] == 24
+    for method in ("teach", "ncm", "logreg"):
+        for shot in ("1", "3"):
+            assert 1 / 3 <= doc["curve"][method][shot]["top1"] <= 1.0  # better than chance
+    timed = doc["teach_time"]
+    # 24 photos: every one once, in groups of 10 (10, 10, 4), two views each.
+    assert (timed["photos"], timed["classes"], timed["images"]) == (24, 3, 48)
+    assert timed["total_s"] >= timed["features_s"] > 0 and timed["pi4"]["seconds"] > 0
+    with Image.open(tmp_path / "curve.png") as img:
+        assert img.info["Title"].startswith("Few-shot curve on mini (3 classes")
+
+
+def test_bench_teach_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
+    run = _smartbin("bench", "teach", "--data", str(tmp_path), "--shots", "0,5")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "smartbin: error: --shots '0,5': give photos per class as whole numbers of at least "
+        "1, comma-separated, e.g. 1,5,10,20"]
+    run = _smartbin("bench", "teach", "--data", str(tmp_path / "none"))
+    assert run.returncode == 2 and "no such dataset folder" in run.stderr
+    assert "Traceback" not in run.stderr

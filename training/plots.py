@@ -220,3 +220,43 @@ def coverage_figure(curve: list[dict[str, Any]], title: str, *, target: float,
 def coverage_png(curve: list[dict[str, Any]], path: Path, title: str, *, target: float,
                  chosen: float | None, current: float | None = None) -> None:
     save(coverage_figure(curve, title, target=target, chosen=chosen, current=current), path)
+
+
+# --- the few-shot curve -------------------------------------------------------------------
+
+
+@_styled
+def few_shot_figure(result: dict[str, Any], title: str) -> Any:
+    """Top-1 and bin accuracy on held-out photos against photos per class, one line per
+    method (`training.teach_bench` result: curve, shots, methods), the spread over draws
+    as error bars on top-1."""
+    fig = _new_figure(11, 4.6)
+    ax_top, ax_bin = fig.subplots(1, 2)
+    shots = list(result["shots"])
+    names = result.get("methods", {})
+    for method, per in result["curve"].items():
+        label = names.get(method, method)
+        # Shots are int keys in memory and strings once read back from the JSON.
+        rows = [per[s] if s in per else per[str(s)] for s in shots]
+        line = ax_top.errorbar(shots, [100 * r["top1"] for r in rows],
+                               yerr=[100 * r["top1_sd"] for r in rows], marker="o", capsize=3,
+                               label=label)
+        ax_bin.plot(shots, [100 * r["bin_accuracy"] for r in rows], marker="o", label=label,
+                    color=line[0].get_color())
+    if "majority_bin_accuracy" in result:
+        ax_bin.axhline(100 * result["majority_bin_accuracy"], color="grey", linestyle="--",
+                       label="always the commonest bin")
+    ax_top.set(xlabel="photos per class taught", ylabel="top-1 accuracy (%)",
+               title="label (top-1), ± 1 s.d. over draws")
+    ax_bin.set(xlabel="photos per class taught", ylabel="bin accuracy (%)",
+               title="bin (the compartment chosen)")
+    for ax in (ax_top, ax_bin):
+        ax.set_xticks(shots)
+        _percent_axis(ax)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def few_shot_png(result: dict[str, Any], path: Path, title: str) -> None:
+    save(few_shot_figure(result, title), path)
