@@ -258,6 +258,7 @@ def train_features(data: Path, out: Path, *, bin_map: Path | None = None,
                    "hidden": hidden, "ensemble": seeds, "weight_decay": wd, "dropout": drop,
                    "test_time_flip": flipped, "val_top1": round(val, 4),
                    "test_top1": round(test, 4), "train_seconds": round(seconds, 2),
+                   "epochs": epochs, "batch_size": batch, "lr": lr,
                    "test_bin": round(bins(layers, *on(f_test), y["test"]), 4)}
             if cv is not None:
                 row["cv_top1_by_l2"] = cv
@@ -488,8 +489,12 @@ def _manifest(out: Path, ds: Dataset, remote: RemoteFile, head: bytes, chosen: d
             "skipped": len(ds.skipped),
             "method": "features: frozen int8 backbone, pooled features (cached), "
                       "dropout + dense softmax trained in numpy (Adam), int8 export",
-            "hyperparameters": {"epochs": hyper.epochs, "batch_size": hyper.batch_size,
-                                "lr": hyper.lr, "dropout": hyper.dropout,
+            # The optimiser the chosen head was trained with (the many-view heads take
+            # larger steps than the study's --epochs/--batch-size/--lr).
+            "hyperparameters": {"epochs": chosen.get("epochs", hyper.epochs),
+                                "batch_size": chosen.get("batch_size", hyper.batch_size),
+                                "lr": chosen.get("lr", hyper.lr),
+                                "dropout": chosen.get("dropout", hyper.dropout),
                                 "weight_decay": chosen["weight_decay"],
                                 "hidden": chosen["hidden"], "ensemble": chosen["ensemble"],
                                 "views": chosen["views"]},
