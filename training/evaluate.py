@@ -18,6 +18,7 @@ from training import calibration, plots
 from training.dataset import SPLITS, Sample, load_dataset, load_split
 from training.features import Progress
 from training.head import Dense, forward, softmax
+from training.shift import shifted
 
 SPLIT_FILE = "split.json"
 FLOAT_HEAD = "head_float.npz"
@@ -67,8 +68,10 @@ def _float_scores(classifier: Classifier, layers: list[Dense], pixels: np.ndarra
 
 def evaluate(bundle_ref: str | Path, data: Path, *, split: str = "test",
              out: Path | None = None, backbone: str | None = None, backend: str = "auto",
-             progress: bool | None = None,
+             progress: bool | None = None, shift: int | None = None,
              target_accuracy: float = calibration.DEFAULT_TARGET_ACCURACY) -> dict[str, Any]:
+    """The bundle on a split of labelled photos; with `shift`, on those photos moved off
+    their backdrop by training.shift.shifted(seed=shift): a proxy for other sites' photos."""
     if out is not None:
         plots.require()
     config = load_config(None)
@@ -83,7 +86,12 @@ def evaluate(bundle_ref: str | Path, data: Path, *, split: str = "test",
     truth, pred, top5, latency, agree, pred_bin, probs = [], [], [], [], [], [], []
     bar = Progress(len(samples), "evaluate", enabled=progress)
     for s in samples:
-        p = classifier.classify_file(s.path)
+        image = None
+        if shift is None:
+            p = classifier.classify_file(s.path)
+        else:
+            image = shifted(load_image(s.path), s.sha256, shift)
+            p = classifier.classify_array(np.asarray(image))
         truth.append(s.label)
         pred.append(p.index)
         pred_bin.append(BINS.index(p.bin))
@@ -91,7 +99,8 @@ def evaluate(bundle_ref: str | Path, data: Path, *, split: str = "test",
         probs.append(p.probabilities)
         latency.append(p.latency_ms)
         if layers is not None:
-            pixels = prepare_image(load_image(s.path), bundle.input)
+            pixels = prepare_image(image if image is not None else load_image(s.path),
+                                   bundle.input)
             fs = _float_scores(classifier, layers, pixels)
             if bundle.test_time_flip:
                 fs = fs + _float_scores(classifier, layers,
@@ -121,7 +130,7 @@ def evaluate(bundle_ref: str | Path, data: Path, *, split: str = "test",
     calib["advice"] = calibration.advice(calib, config.model.confidence_threshold)
     report = {
         "model": bundle.name, "version": bundle.version, "backend": classifier.backend,
-        "split": split, "n": len(samples),
+        "split": split, "shift": shift, "n": len(samples),
         "top1": round(float((truth_a == pred_a).mean()), 4),
         "top5": round(float(np.mean(top5)), 4),
         # The bin as the bin decides it (highest summed bin probability) ...
@@ -151,7 +160,9 @@ def write_report(report: dict[str, Any], out: Path, bundle: Bundle,
     (out / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n",
                                      encoding="utf-8")
     names = [label.name_en or label.name for label in bundle.labels]
-    where = f"{bundle.name} {bundle.version}, {report['split']} split (n={report['n']})"
+    shift = report.get("shift")
+    where = f"{bundle.name} {bundle.version}, {report['split']} split" \
+        + (f" shifted (seed {shift})" if shift is not None else "") + f" (n={report['n']})"
     plots.confusion_png(np.array(report["confusion"]["matrix"]), names, out / "confusion.png",
                         f"{where}: confusion matrix")
     plots.confusion_png(np.array(report["bin_confusion"]["matrix"]), list(BINS),
@@ -169,7 +180,10 @@ def write_report(report: dict[str, Any], out: Path, bundle: Bundle,
     lines = [
         f"# Evaluation of {bundle.name} {bundle.version}",
         "",
-        f"Split `{report['split']}`, {report['n']} photos, backend {report['backend']}, "
+        f"Split `{report['split']}`"
+        + (f", shifted off its backdrop (seed {shift}; a proxy for other sites' photos)"
+           if shift is not None else "")
+        + f", {report['n']} photos, backend {report['backend']}, "
         f"test-time flip {'on' if report['test_time_flip'] else 'off'}.",
         "",
         "| metric | value |",

@@ -13,6 +13,7 @@ from bin_controller.vision.backends import make_interpreter
 from bin_controller.vision.bundle import InputSpec
 from bin_controller.vision.classifier import Quant, StageRunner, dequantize, pixel_mapper
 from bin_controller.vision.preprocess import load_image, prepare_array, prepare_image
+from training import shift
 
 # Views of each photo. "full" (the whole frame) and "center" (square centre crop) are what
 # a bin can be configured to see; the rest are the augmentation a practitioner uses on a
@@ -20,7 +21,17 @@ from bin_controller.vision.preprocess import load_image, prepare_array, prepare_
 EVAL_VIEWS = ("full", "full_flip", "center", "flip")
 TRAIN_VIEWS = ("full", "full_flip", "full_r180", "full_vflip", "center", "flip", "c_r90",
                "c_r270", "fc_tl", "fc_br", "fc_tr", "fc_bl", "full_dark", "full_bright_flip")
+# Views that generalise beyond TrashNet's white board (training.shift): the object on
+# other backgrounds at another scale and place, colour and light jitter, zoomed crops.
+# Each is seeded by the photo's content hash and the view's name, so it is the same pixels
+# every time and the cache stays valid.
+SHIFT_VIEWS = ("bg_a", "bg_b", "bg_c", "bg_d", "jitter", "zoom")
 DEPLOY_CROP = {"full": "none", "center": "center"}
+
+
+def shift_view(seed: int, *, flip: bool = False) -> str:
+    """The view name of the proxy shifted set with this seed (training.shift.shifted)."""
+    return f"shift{seed}" + ("_flip" if flip else "")
 
 
 class StageFeatures:
@@ -62,8 +73,67 @@ def _corner_crop(image: Image.Image, fx: float, fy: float, size: int) -> Image.I
     return _full(image.crop((x, y, x + cw, y + ch)), size)
 
 
-def view_pixels(image: Image.Image, view: str, size: int) -> np.ndarray:
-    """Model-sized pixels of one view of a photo (the base views exactly as the bin sees)."""
+# Training views are composed at this size: the model sees 224 pixels anyway, and a
+# background costs the square of its side.
+WORK_SIDE = 320
+_alpha_memo: dict[tuple[str, tuple[int, int]], np.ndarray] = {}
+
+
+def _alpha(image: Image.Image, key: str) -> np.ndarray:
+    """The object's cut, once per photo and size (its views are computed one after
+    another); all ones when the cut failed, which shift.replace_background takes as "keep
+    the frame"."""
+    memo = (key, image.size)
+    if memo not in _alpha_memo:
+        if len(_alpha_memo) > 4:
+            _alpha_memo.clear()
+        _alpha_memo[memo] = shift.object_alpha(image)[0]
+    return _alpha_memo[memo]
+
+
+def _working(image: Image.Image) -> Image.Image:
+    scale = WORK_SIDE / max(image.size)
+    if scale >= 1:
+        return image
+    return image.resize((round(image.width * scale), round(image.height * scale)),
+                        Image.Resampling.BILINEAR)
+
+
+def _seeded_view(image: Image.Image, view: str, key: str, size: int) -> np.ndarray | None:
+    full = InputSpec(size, size, crop="none")
+    rng = shift.rng_for(key, view)
+    mirror = view.endswith("_flip")
+    if view.startswith("shift") and view.removesuffix("_flip")[5:].isdigit():
+        out = shift.shifted(image, key, int(view.removesuffix("_flip")[5:]),
+                            alpha=_alpha(image, key))
+        return prepare_image(ImageOps.mirror(out) if mirror else out, full)
+    if view in ("bg_a", "bg_b", "bg_c", "bg_d"):
+        image = _working(image)
+        out = shift.replace_background(image, rng, shift.TRAIN_FAMILIES, scale=(0.4, 1.0),
+                                       alpha=_alpha(image, key))
+        out = shift.photometric(out, rng, strength=0.7)
+        return prepare_image(ImageOps.mirror(out) if rng.random() < 0.5 else out, full)
+    if view == "jitter":
+        out = shift.photometric(image, rng)
+        return prepare_image(ImageOps.mirror(out) if rng.random() < 0.5 else out, full)
+    if view == "zoom":
+        w, h = image.size
+        side = rng.uniform(0.55, 0.85)
+        cw, ch = round(w * side), round(h * side)
+        x, y = round((w - cw) * rng.uniform()), round((h - ch) * rng.uniform())
+        out = shift.photometric(image.crop((x, y, x + cw, y + ch)), rng, strength=0.5)
+        return prepare_image(ImageOps.mirror(out) if rng.random() < 0.5 else out, full)
+    return None
+
+
+def view_pixels(image: Image.Image, view: str, size: int, *, key: str = "") -> np.ndarray:
+    """Model-sized pixels of one view of a photo (the base views exactly as the bin sees).
+
+    Random views (SHIFT_VIEWS, shift_view) are seeded by `key`, the photo's content hash.
+    """
+    seeded = _seeded_view(image, view, key, size)
+    if seeded is not None:
+        return seeded
     full = InputSpec(size, size, crop="none")
     center = InputSpec(size, size, crop="center")
     mirror = ImageOps.mirror
@@ -164,7 +234,7 @@ def extract(samples, views: tuple[str, ...], extractor: StageFeatures, cache: Fe
         if image is None:
             opened.clear()  # one photo at a time: its views are consecutive
             image = opened[sample.sha256] = load_image(sample.path).convert("RGB")
-        pixels = view_pixels(image, view, extractor.spec.width)
+        pixels = view_pixels(image, view, extractor.spec.width, key=sample.sha256)
         cache.put(view, sample.sha256, extractor.raw_pixels(pixels))
         bar.step()
         if bar.done % 500 == 0:
