@@ -382,8 +382,13 @@ class PhotoLog:
                     batch = self.sitelog.photos(kind, limit=DELETE_BATCH)
                     freed = self._delete(batch)
                     if freed:
+                        # Logged only: this runs inside the store's write, under its lock, and
+                        # a fault published from here would take paho's lock while paho's
+                        # thread waits for the store's (an ack): a deadlock the soak found.
+                        # The store reports the disk_full fault itself, photo bytes included,
+                        # once its lock is released.
                         self._warn("spare", f"photos: the disk is full; deleted {len(batch)} "
-                                   "photos so the counts can be written", fault=True)
+                                   "photos so the counts can be written")
                         return freed
                 # No photo left: the site log's own WAL is the last thing to give back.
                 return self.sitelog.shrink()

@@ -355,6 +355,42 @@ def test_the_store_deletes_photos_before_journal_rows(tmp_path, demo):
     assert first_row > 1  # then, photos gone, the store thinned its journal
 
 
+def test_photos_spared_for_the_store_are_reported_by_the_store_outside_its_lock(tmp_path, demo):
+    """The photo log gives space from inside the store's write, under the store's lock. A
+    fault published from there would take paho's lock while paho's own thread, acking a
+    message, waits for the store's: a deadlock the soak met. So nothing is reported while
+    sparing; the store's own disk_full fault, sent once its lock is free, names the photos."""
+    items = sim_items([CAN, BOTTLE, CAN, CAN] * 8)
+    reported: list[tuple[str, str, bool]] = []
+    sparing = threading.Event()
+    with Simulation(bin_config(tmp_path), classifier=UnsureOfBottles(demo)) as sim:
+        photos, store = sim.bin.photos, sim.bin.store
+        assert photos is not None and store is not None
+        sim.drop(items[:20])
+        assert photos.flush()
+        spare = store.spare
+        assert spare is not None
+
+        def watched() -> int:
+            sparing.set()
+            try:
+                return spare()
+            finally:
+                sparing.clear()
+
+        store.spare = watched
+        sim.bin.loop.on_fault.append(
+            lambda fault: reported.append((fault.kind, fault.detail, sparing.is_set())))
+        sim.drop(items[20:], faults=Faults(disk_full={1: 6}))
+        assert photos.flush()
+        wait_for(lambda: store.held == 0)
+        assert store.snapshot()["total"] == len(items)
+    disk_full = [r for r in reported if r[0] == "disk_full"]
+    assert disk_full, reported
+    assert not any(inside for _, _, inside in reported)
+    assert any("MB of photos" in detail for _, detail, _ in disk_full), disk_full
+
+
 def test_spare_never_claims_space_it_did_not_free(tmp_path):
     """On a full disk the site log may refuse to note a deleted photo: the file is gone but
     its row still names it. Asked again, the photo log must not count those bytes again (the
