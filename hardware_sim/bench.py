@@ -60,6 +60,25 @@ def _time_writer(photos: PhotoLog) -> list[float]:
     return samples
 
 
+class CycleTimer:
+    """Sensor edge to item counted, per item, in ms: the cycle as the bin lives it."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.cycles: list[float] = []
+        self._edge: list[float] = []  # the first edge of the item being sorted
+        sim.bin.sensor.on_change(self._arrived)
+        sim.loop.on_event.append(self._counted)
+
+    def _arrived(self, present: bool, t: float) -> None:
+        if present and not self._edge:
+            self._edge.append(t)
+
+    def _counted(self, _event: SortEvent) -> None:
+        # Listeners run after the store committed the item and its photo was handed over.
+        if self._edge:
+            self.cycles.append((time.monotonic() - self._edge.pop()) * 1000)
+
+
 def run_cycle(args: argparse.Namespace) -> int:
     """Sensor edge to servo command, and to the item counted in the SQLite store with its
     photo handed to the photo log, over many simulated items; beside the bare invoke()."""
@@ -80,21 +99,7 @@ def run_cycle(args: argparse.Namespace) -> int:
             timed = _TimedPhotos(photos)
             sim.loop.photos = timed
             writer_ms = _time_writer(photos)
-            cycles: list[float] = []
-            edge: list[float] = []  # the first edge of the item being sorted
-
-            def arrived(present: bool, t: float) -> None:
-                if present and not edge:
-                    edge.append(t)
-
-            def counted(_event: SortEvent) -> None:
-                # Listeners run after the store committed the item and its photo was
-                # handed over: the end of the cycle as the bin lives it.
-                if edge:
-                    cycles.append((time.monotonic() - edge.pop()) * 1000)
-
-            sim.bin.sensor.on_change(arrived)
-            sim.loop.on_event.append(counted)
+            cycles = CycleTimer(sim).cycles
             result = sim.drop(items, pace_s=args.pace)
             photos.flush(timeout=60)
             stats = photos.stats()

@@ -25,10 +25,10 @@ from PIL import Image
 
 from bin_controller.bins import BINS
 from bin_controller.config import config_from_dict
-from bin_controller.domain import SortEvent
 from bin_controller.teaching import TeachJob, TeachSettings
 from bin_controller.tools.bench import percentiles
 from hardware_sim import items as kinds
+from hardware_sim.bench import CycleTimer
 from hardware_sim.mechanics import SimItem
 from hardware_sim.simulate import Simulation, sim_config
 from hardware_sim.sources import IMAGE_SUFFIXES, FolderSource, GeneratedSource
@@ -100,19 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                            base=lambda: (loop.classifier.bundle.path,
                                          loop.classifier.bundle.name),
                            install=lambda _p: {}, backbone=model.get("backbone"))
-            cycles: list[float] = []
-            edge: list[float] = []
-
-            def arrived(present: bool, t: float) -> None:
-                if present and not edge:
-                    edge.append(t)
-
-            def counted(_event: SortEvent) -> None:
-                if edge:
-                    cycles.append((time.monotonic() - edge.pop()) * 1000)
-
-            sim.bin.sensor.on_change(arrived)
-            loop.on_event.append(counted)
+            cycles = CycleTimer(sim).cycles
 
             def item(n: int) -> SimItem:
                 src = pool[n % len(pool)]
