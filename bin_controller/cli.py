@@ -609,8 +609,9 @@ def add_bench_teach_options(b: argparse.ArgumentParser) -> None:
     b.add_argument("--draws", type=whole(1), default=5,
                    help="random draws of the taught photos per shot (default 5)")
     b.add_argument("--seed", type=whole(0, MAX_SEED), default=0)
-    b.add_argument("--views", default="full,full_flip",
-                   help="views the teach learns from (default full,full_flip)")
+    b.add_argument("--views", default="auto",
+                   help="views the teach learns from: auto (the teach's own: 2 to 8, more "
+                        "for fewer photos) or a comma list, e.g. full,full_flip")
     b.add_argument("--ablations", action="store_true",
                    help="also logistic regression on the teach's views")
     b.add_argument("--json", type=path_arg, help="write the curve and timing as JSON")

@@ -21,6 +21,7 @@ from bin_controller.errors import SmartbinError
 from tests.conftest import REPO, trashnet_sample
 from training import plots
 from training.head import Dense, forward, softmax, train_head
+from training.teach import MAX_VIEWS, VIEW_BUDGET, VIEW_ORDER, teach_views
 from training.teach_bench import (
     PI4_INVOKE_S,
     few_shot_curve,
@@ -343,7 +344,8 @@ def test_pi4_estimate_uses_the_assumed_invoke_time_per_image() -> None:
 def _curve_result() -> dict:
     centres = make_world(3, seed=2)
     feats, y = photos(centres, 12, spread=1.2, seed=4)
-    out = few_shot_curve(feats, y, bin_of=[0, 0, 3], shots=(1, 3, 5), draws=2)
+    out = few_shot_curve(feats, y, bin_of=[0, 0, 3], shots=(1, 3, 5), draws=2,
+                         teach_views=("full", "full_flip"))
     out["methods"] = {"teach": "teach", "ncm": "nearest class mean", "logreg": "logreg"}
     return out
 
@@ -403,8 +405,11 @@ def test_bench_teach_prints_the_curve_times_a_teach_and_writes_json_and_plot(
         for shot in ("1", "3"):
             assert 1 / 3 <= doc["curve"][method][shot]["top1"] <= 1.0  # better than chance
     timed = doc["teach_time"]
-    # 24 photos: every one once, in groups of 10 (10, 10, 4), two views each.
-    assert (timed["photos"], timed["classes"], timed["images"]) == (24, 3, 48)
+    # 24 photos: every one once, in groups of 10 (10, 10, 4), each in as many views as a
+    # teach of 24 photos takes (the most: few photos).
+    assert (timed["photos"], timed["classes"], timed["views"]) == (24, 3, MAX_VIEWS)
+    assert timed["images"] == 24 * MAX_VIEWS
+    assert doc["teach_views"] == {"1": list(VIEW_ORDER["none"]), "3": list(VIEW_ORDER["none"])}
     assert timed["total_s"] >= timed["features_s"] > 0 and timed["pi4"]["seconds"] > 0
     with Image.open(tmp_path / "curve.png") as img:
         assert img.info["Title"].startswith("Few-shot curve on mini (3 classes")
@@ -419,3 +424,27 @@ def test_bench_teach_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
     run = _smartbin("bench", "teach", "--data", str(tmp_path / "none"))
     assert run.returncode == 2 and "no such dataset folder" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_teach_takes_more_views_of_fewer_photos_within_its_budget() -> None:
+    # The bin's own view and its mirror always come first, in either crop.
+    assert teach_views("none", 1)[:2] == ("full", "full_flip")
+    assert teach_views("center", 1)[:2] == ("center", "flip")
+    assert len(teach_views("none", 30)) == MAX_VIEWS
+    # 26 labels x 10 photos (the timed teach) get the two.
+    assert teach_views("none", 260) == ("full", "full_flip")
+    assert teach_views("none", 10_000) == ("full", "full_flip")
+    counts = [len(teach_views("none", n)) for n in range(1, 400)]
+    assert counts == sorted(counts, reverse=True)
+    assert all(n * len(teach_views("none", n)) <= max(VIEW_BUDGET, 2 * n) for n in range(1, 400))
+
+
+def test_few_shot_curve_follows_the_teach_s_own_views_when_given_none() -> None:
+    centres = make_world(3, seed=2)
+    feats, y = photos(centres, 12, spread=1.2, seed=4)
+    feats = {v: feats["full"] + 0.01 * i for i, v in enumerate(VIEW_ORDER["none"])}
+    out = few_shot_curve(feats, y, bin_of=[0, 0, 3], shots=(1, 5), draws=1)
+    assert out["teach_views"] == {1: list(teach_views("none", 3)),
+                                  5: list(teach_views("none", 15))}
+    assert [t["views"] for t in out["teach"]] == [MAX_VIEWS, MAX_VIEWS]
+    assert "teach (imprint + fit, CV-chosen, 8 views)" in markdown(out)

@@ -23,7 +23,10 @@ import numpy as np
 
 from bin_controller.bins import BINS
 from bin_controller.errors import SmartbinError
+from training.features import DEPLOY_CROP
 from training.head import Dense, forward, softmax
+from training.teach import VIEW_ORDER
+from training.teach import teach_views as views_for
 from training.teach_method import (
     LOGREG_C,
     expected_calibration_error,
@@ -39,10 +42,9 @@ TITLES = {
     "logreg": "logistic regression (C=1, standardised features)",
     "logreg_views": "logistic regression (C=1, standardised features) on the teach's views",
 }
-# Views the teach trains on by default: the bin's own view and its mirror image. More
-# views help a little (see the README) but each costs a backbone pass per photo, and a
-# teach of 260 photos must stay within 15 s on a 2-core machine.
-TEACH_VIEWS = ("full", "full_flip")
+# The view the bin sees: the baselines learn from it, and held-out photos are scored on it.
+# The teach's views are its own rule by default (training.teach.teach_views: more views
+# for fewer photos, within a budget of backbone passes).
 DEPLOY_VIEW = "full"
 # Photos and classes of the timed teach: the issue's 26 classes x 10 photos.
 TIMED_CLASSES, TIMED_SHOTS = 26, 10
@@ -72,30 +74,44 @@ def _draw(labels: np.ndarray, n_classes: int, shot: int,
 def few_shot_curve(features: Mapping[str, np.ndarray], labels: np.ndarray, *,
                    bin_of: Sequence[int] | None = None, shots: Sequence[int] = (1, 5, 10, 20),
                    draws: int = 5, seed: int = 0, deploy_view: str = DEPLOY_VIEW,
-                   teach_views: Sequence[str] = TEACH_VIEWS, ablations: bool = False,
+                   teach_views: Sequence[str] | None = None, ablations: bool = False,
                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Mean top-1 and bin accuracy over draws, per method and shot, on held-out photos.
 
     features: raw pooled features [n_photos, width] per view (row i = photo i); labels:
     class per photo; bin_of: bin index (into BINS) per class, for the bin accuracy.
-    The baselines learn from `deploy_view` only; the teach from `teach_views`. With
-    `ablations`, logistic regression on the teach's views is run too, to show how much
-    of the gain is the views and how much the method.
+    The baselines learn from `deploy_view` only; the teach from `teach_views`, or when
+    None from the views a teach of that many photos takes (`training.teach.teach_views`).
+    With `ablations`, logistic regression on the teach's views is run too, to show how
+    much of the gain is the views and how much the method.
     Returns {"curve": {method: {shot: {"top1", "top1_sd", "bin_accuracy", "ece"}}},
     "teach": per draw settings/temperature/seconds, "n_photos", "draws", "shots"}.
     """
     y = np.asarray(labels, int)
     n_classes = int(y.max()) + 1
     bins = np.asarray(bin_of if bin_of is not None else [0] * n_classes, int)
+    crop = DEPLOY_CROP.get(deploy_view, "none")
+
+    def views_of(n_photos: int) -> tuple[str, ...]:
+        return tuple(teach_views) if teach_views else views_for(crop, n_photos)
+
+    def teach(f: Mapping[str, np.ndarray], yy: np.ndarray, n: int, s: int) -> list[Dense]:
+        return fit_few_shot({v: f[v] for v in views_of(len(yy))}, yy, n,
+                            deploy_view=deploy_view, seed=s).layers
+
+    def logreg_views(f: Mapping[str, np.ndarray], yy: np.ndarray, n: int,
+                     _s: int) -> list[Dense]:
+        views = views_of(len(yy))
+        return logistic_regression(np.concatenate([f[v] for v in views]),
+                                   np.tile(yy, len(views)), n)
+
     methods: dict[str, Teacher] = {
-        "teach": lambda f, yy, n, s: fit_few_shot({v: f[v] for v in teach_views}, yy, n,
-                                                  deploy_view=deploy_view, seed=s).layers,
+        "teach": teach,
         "ncm": lambda f, yy, n, s: nearest_class_mean(f[deploy_view], yy, n),
         "logreg": lambda f, yy, n, s: logistic_regression(f[deploy_view], yy, n),
     }
     if ablations:
-        methods["logreg_views"] = lambda f, yy, n, s: logistic_regression(
-            np.concatenate([f[v] for v in teach_views]), np.tile(yy, len(teach_views)), n)
+        methods["logreg_views"] = logreg_views
     scores: dict[str, dict[int, list[tuple[float, float, float]]]] = {
         m: {s: [] for s in shots} for m in methods}
     teach_log: list[dict[str, Any]] = []
@@ -117,7 +133,7 @@ def few_shot_curve(features: Mapping[str, np.ndarray], labels: np.ndarray, *,
                 scores[name][shot].append((top1, bin_acc, ece))
                 if name == "teach":
                     teach_log.append({"shot": shot, "draw": d, "seconds": round(seconds, 3),
-                                      "top1": top1})
+                                      "top1": top1, "views": len(views_of(len(taught)))})
             if log:
                 log(f"{shot} photos/class, draw {d + 1}/{draws}: " + ", ".join(
                     f"{m} {scores[m][shot][-1][0]:.1%}" for m in methods))
@@ -130,14 +146,15 @@ def few_shot_curve(features: Mapping[str, np.ndarray], labels: np.ndarray, *,
     majority = float(np.bincount(bins[y]).max() / len(y))
     return {"curve": curve, "teach": teach_log, "n_photos": len(y), "draws": draws,
             "majority_bin_accuracy": majority,
-            "shots": list(shots), "teach_views": list(teach_views), "deploy_view": deploy_view}
+            "shots": list(shots), "deploy_view": deploy_view,
+            "teach_views": {s: list(views_of(s * n_classes)) for s in shots}}
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The curve as a Markdown table: top-1 / bin accuracy per shot, then the gap."""
     shots = result["shots"]
     curve = result["curve"]
-    views = "+".join(result["teach_views"])
+    views = _views_text(result["teach_views"])
     head = "| method | " + " | ".join(f"{s} photo{'s' if s > 1 else ''}/class" for s in shots)
     lines = [head + " |", "| --- |" + " ---: |" * len(shots)]
     for m, per in curve.items():
@@ -155,6 +172,21 @@ def markdown(result: dict[str, Any]) -> str:
               "same draws for every method. Always answering the commonest bin would score "
               f"{result['majority_bin_accuracy']:.1%} bin accuracy."]
     return "\n".join(lines)
+
+
+def _views_text(teach_views: Mapping[Any, Sequence[str]] | Sequence[str]) -> str:
+    """How many views the teach took, e.g. `8 views`, or per shot when that varied:
+    `8 views at 1, 5, 10 photos/class, 4 at 20`."""
+    if not isinstance(teach_views, Mapping):
+        return "+".join(teach_views)
+    groups: dict[int, list[str]] = {}
+    for shot, views in teach_views.items():
+        groups.setdefault(len(views), []).append(str(shot))
+    if len(groups) == 1:
+        return f"{next(iter(groups))} views"
+    return ", ".join(f"{n} {'views ' if i == 0 else ''}at {', '.join(shots)}"
+                     + (" photos/class" if i == 0 else "")
+                     for i, (n, shots) in enumerate(groups.items()))
 
 
 def _extractor(backbone: str | None) -> tuple[Any, Any]:
@@ -181,15 +213,17 @@ def _invoke_seconds(extractor: Any, runs: int = 20) -> float:
     return float(np.median(times))
 
 
-def time_teach(samples: list, views: Sequence[str], backbone: str | None, *,
+def time_teach(samples: list, views: Sequence[str] | None, backbone: str | None, *,
                deploy_view: str = DEPLOY_VIEW) -> dict[str, Any]:
     """Seconds of a whole teach from photo files to a written bundle: backbone load,
     features (empty cache), fit with its cross-validation, int8 export, bundle written.
-    Labels are the samples' own; call with 26 groups of 10 photos."""
+    Labels are the samples' own; call with 26 groups of 10 photos. views: None for the
+    teach's own rule."""
     from bin_controller.vision.bundle import load_bundle, write_manifest
     from training.export_head import export_head
     from training.features import FeatureCache, extract
 
+    views = tuple(views) if views else views_for(DEPLOY_CROP.get(deploy_view, "none"), len(samples))
     started = time.perf_counter()
     remote, extractor = _extractor(backbone)
     loaded = time.perf_counter()
@@ -320,7 +354,7 @@ def parse_shots(text: str) -> list[int]:
 
 def bench(*, data: Path, bins: str | Path | None, backbone: str | None,
           cache: Path | None, shots: Sequence[int], draws: int, seed: int,
-          views: Sequence[str], ablations: bool = False, time_it: bool = True,
+          views: Sequence[str] | None, ablations: bool = False, time_it: bool = True,
           json_out: Path | None = None, plot_out: Path | None = None,
           verbose: bool = False) -> dict[str, Any]:
     """The whole bench: features (cached), the curve, the timed teach; prints the table
@@ -331,10 +365,11 @@ def bench(*, data: Path, bins: str | Path | None, backbone: str | None,
     from training.dataset import SPLITS, load_dataset
     from training.features import TRAIN_VIEWS, FeatureCache, extract
 
-    unknown = [v for v in views if v not in TRAIN_VIEWS]
-    if unknown or not views:
-        raise SmartbinError(f"--views {','.join(views)!r}: choose among "
-                            f"{', '.join(TRAIN_VIEWS)}")
+    if views is not None:
+        unknown = [v for v in views if v not in TRAIN_VIEWS]
+        if unknown or not views:
+            raise SmartbinError(f"--views {','.join(views)!r}: auto, or views among "
+                                f"{', '.join(TRAIN_VIEWS)}")
     if draws < 1:
         raise SmartbinError(f"--draws {draws}: give at least 1")
     for out in (json_out, plot_out):
@@ -348,7 +383,9 @@ def bench(*, data: Path, bins: str | Path | None, backbone: str | None,
     started = time.perf_counter()
     remote, extractor = _extractor(backbone)
     store = FeatureCache(cache or cache_dir() / "features", remote.sha256)
-    all_views = tuple(dict.fromkeys((DEPLOY_VIEW, *views)))
+    # With the teach's own rule, every view it may take (the fewer photos, the more).
+    wanted = views if views is not None else VIEW_ORDER[DEPLOY_CROP[DEPLOY_VIEW]]
+    all_views = tuple(dict.fromkeys((DEPLOY_VIEW, *wanted)))
     feats, stats = extract(samples, all_views, extractor, store)
     print(f"features: {len(samples)} photos x {len(all_views)} views, {stats['computed']} "
           f"computed in {stats['seconds']:.1f} s, the rest cached", file=sys.stderr)
@@ -369,7 +406,7 @@ def bench(*, data: Path, bins: str | Path | None, backbone: str | None,
         timed = time_teach(_timed_samples(samples, seed), views, backbone)
         print("\n" + timing_text(timed))
     doc = {"data": name, "classes": ds.classes, "bins": [ds.bins[c] for c in ds.classes],
-           **result, "methods": {m: TITLES[m].format(views="+".join(views))
+           **result, "methods": {m: TITLES[m].format(views=_views_text(result["teach_views"]))
                                  for m in result["curve"]},
            "logreg_c": LOGREG_C, "teach_time": timed}
     if json_out is not None:
@@ -385,7 +422,8 @@ def run(args: argparse.Namespace) -> int:
     """`smartbin bench teach`."""
     bench(data=args.data, bins=args.bins, backbone=args.backbone, cache=args.cache,
           shots=parse_shots(args.shots), draws=args.draws, seed=args.seed,
-          views=tuple(v for v in args.views.split(",") if v), ablations=args.ablations,
+          views=None if args.views == "auto" else tuple(v for v in args.views.split(",") if v),
+          ablations=args.ablations,
           time_it=not args.no_time, json_out=args.json, plot_out=args.plot,
           verbose=args.verbose)
     return 0
