@@ -610,7 +610,7 @@ def test_discovery_of_the_fill_levels():
         assert out[node.format("sensor", f"fill_{b}")]["value_template"] == \
             f"{{{{ value_json.{b}.pct }}}}"
     ids = [c["unique_id"] for c in out.values()]
-    assert len(set(ids)) == len(ids) == 11 + 12 + 12
+    assert len(set(ids)) == len(ids) == 13 + 12 + 12
 
 
 # ---------------------------------------------------------------------- commands
