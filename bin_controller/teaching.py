@@ -12,10 +12,13 @@ Progress, as the retained `state`'s `teach` object:
 
     {"phase": exporting|features|fitting|checking|installing|done|rejected|failed|cancelled,
      "done": n, "total": n, "started": unix time, "finished": unix time | null,
-     "margin": points, "result": {...} | null, "error": one line | null}
+     "finished_at": "2026-11-28T13:05:12Z" | null, "margin": points,
+     "result": {...} | null, "error": one line | null}
 
 `result` holds, when done, the new model and version and the evaluation; when rejected,
-the evaluation with the numbers that refused it.
+the evaluation with the numbers that refused it. The last teach's object is kept in the
+state folder (teach_record) and shown again after a restart; a teach the service died
+during comes back `failed`, its error saying so.
 
 The site's teach data are the reviewed photos (`review.Reviews.export`) and the captured
 ones (`captures`: `smartbin teach --capture`, `cmd/capture`).
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bin_controller import teach_record
 from bin_controller.captures import CAPTURES, add_captures
 from bin_controller.errors import BusyError, CommandError, SmartbinError
 
@@ -47,7 +51,7 @@ log = logging.getLogger(__name__)
 SCRATCH = "teach"  # under the state folder: the running teach's export and bundle
 PHASES = ("exporting", "features", "fitting", "checking", "installing", "done", "rejected",
           "failed", "cancelled")
-FINISHED = frozenset({"done", "rejected", "failed", "cancelled"})
+FINISHED = frozenset(teach_record.FINISHED)
 # A dashboard redraws on every retained state: at most this often while a phase moves
 # (a change of phase is published at once).
 MIN_INTERVAL_S = 0.5
@@ -81,7 +85,21 @@ class _Progress:
         return {"phase": self.phase, "done": self.done, "total": self.total,
                 "started": round(self.started, 3),
                 "finished": None if self.finished is None else round(self.finished, 3),
+                "finished_at": None if self.finished is None
+                else teach_record.iso_time(self.finished),
                 "margin": self.margin, "result": self.result, "error": self.error}
+
+    @classmethod
+    def restored(cls, record: dict[str, Any] | None) -> _Progress | None:
+        """The last teach as teach_record kept it (always a finished one)."""
+        if record is None:
+            return None
+        margin = record["margin"]
+        return cls(record["phase"], float(record["started"]),
+                   TeachSettings.margin if margin is None else float(margin),
+                   done=int(record["done"]), total=int(record["total"]),
+                   finished=record["finished"], result=record["result"],
+                   error=record["error"])
 
 
 class TeachJob:
@@ -108,10 +126,15 @@ class TeachJob:
         self.python = python
         self.min_interval_s = min_interval_s
         self._lock = threading.Lock()
-        self._progress: _Progress | None = None
+        self._saving = threading.Lock()  # the record's writes, in order, off self._lock
+        # No teach runs in a service that is starting: a scratch folder is a dead one's.
+        shutil.rmtree(self.state_dir / SCRATCH, ignore_errors=True)
+        self._progress: _Progress | None = _Progress.restored(
+            teach_record.load(self.state_dir))
         self._proc: subprocess.Popen[str] | None = None
         self._thread: threading.Thread | None = None
         self._cancelled = False
+        self._stopping = False
         self._published = 0.0
         self._stderr: deque[str] = deque(maxlen=STDERR_LINES)
 
@@ -139,6 +162,7 @@ class TeachJob:
             self._thread = threading.Thread(target=self._run, args=(settings,),
                                             name="teach", daemon=True)
             self._thread.start()
+        self._record()
         self._publish(force=True)
         return {"started": True, "time": round(started, 3), "margin": settings.margin}
 
@@ -170,7 +194,7 @@ class TeachJob:
         """The service stops: a running teach is killed and its scratch folder removed."""
         with self._lock:
             if self._progress is not None and self._progress.phase not in FINISHED:
-                self._cancelled = True
+                self._cancelled = self._stopping = True
             proc = self._proc
         if proc is not None:
             _kill(proc)
@@ -243,6 +267,7 @@ class TeachJob:
         if cancelled:
             self._finish("cancelled")
             return
+        self._record()
         self._publish(force=True)
         installed = self.install(Path(final["out"]))
         self._finish("done", result={**installed, "evaluation": final.get("evaluation"),
@@ -313,6 +338,8 @@ class TeachJob:
                 return
             changed = phase != progress.phase
             progress.phase, progress.done, progress.total = phase, done, total
+        if changed:
+            self._record()
         self._publish(force=changed)
 
     def _finish(self, phase: str, *, result: dict[str, Any] | None = None,
@@ -321,13 +348,22 @@ class TeachJob:
             progress = self._progress
             if progress is None:
                 return
+            if phase == "cancelled":
+                error = (teach_record.interrupted_error(progress.phase) if self._stopping
+                         else "cancelled by teach_cancel")
             progress.phase, progress.finished = phase, time.time()
             progress.result, progress.error = result, error
-            if phase == "cancelled":
-                progress.error = "cancelled by teach_cancel (or the service stopping)"
+        self._record()
         level = logging.INFO if phase == "done" else logging.WARNING
         log.log(level, "teach %s%s", phase, f": {error}" if error else "")
         self._publish(force=True)
+
+    def _record(self) -> None:
+        """The teach as it is now, kept in the state folder for after a restart."""
+        with self._saving:
+            teach = self.snapshot()
+            if teach is not None:
+                teach_record.save(self.state_dir, teach)
 
     def _publish(self, *, force: bool) -> None:
         now = time.monotonic()

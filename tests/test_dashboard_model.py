@@ -109,16 +109,20 @@ def test_a_background_teach_is_shown_from_the_state_field_by_field():
     fleet.take(f"{P}/b1/state", json.dumps({"state": "idle", "teach": {
         "phase": "features", "done": 12, "total": 40, "started": 5.0}}).encode())
     assert fleet.snapshot()[0]["state"]["teach"] == {
-        "phase": "features", "done": 12, "total": 40, "error": None, "version": None}
+        "phase": "features", "done": 12, "total": 40, "error": None, "version": None,
+        "finished": None}
     fleet.take(f"{P}/b1/state", json.dumps({"state": "idle", "teach": {
-        "phase": "done", "result": {"version": "1.0+teach.20261128T1100Z"}}}).encode())
-    assert fleet.snapshot()[0]["state"]["teach"]["version"] == "1.0+teach.20261128T1100Z"
+        "phase": "done", "finished": 1764327600.5,
+        "result": {"version": "1.0+teach.20261128T1100Z"}}}).encode())
+    done = fleet.snapshot()[0]["state"]["teach"]
+    assert done["version"] == "1.0+teach.20261128T1100Z" and done["finished"] == 1764327600.5
     # A phase the dashboard does not know, counts that are not counts, a result that is not
     # an object: shown as unknown, never passed through.
     fleet.take(f"{P}/b1/state", json.dumps({"state": "idle", "teach": {
         "phase": "<b>x</b>", "done": -1, "total": "40", "result": [1]}}).encode())
     assert fleet.snapshot()[0]["state"]["teach"] == {
-        "phase": None, "done": None, "total": None, "error": None, "version": None}
+        "phase": None, "done": None, "total": None, "error": None, "version": None,
+        "finished": None}
     fleet.take(f"{P}/b1/state", json.dumps({"state": "idle", "teach": None}).encode())
     assert fleet.snapshot()[0]["state"]["teach"] is None
 

@@ -385,7 +385,7 @@ def test_discovery_topics_ids_and_state_topics(photos):
     node = node_id("bin-7")
     assert node == "smartbin_bin_7"
     keys = [f"count_{b}" for b in BINS] + ["count_total", "last_item", "last_bin", "state"]
-    keys += ["contamination"] if photos else []
+    keys += ["contamination", "teach", "teach_progress"] if photos else []
     keys += ["stats_uptime_s", "stats_cycle_ms_p95", "stats_items_per_hour", "stats_outbox",
              "stats_cpu_temperature_c"]
     expected = {f"ha/sensor/{node}/{k}/config" for k in keys} | {
@@ -396,7 +396,7 @@ def test_discovery_topics_ids_and_state_topics(photos):
     expected |= {f"ha/select/{node}/sort_next/config"}
     assert set(out) == expected
     ids = [c["unique_id"] for c in out.values()]
-    assert len(set(ids)) == len(ids) == (11 if photos else 9) + 5 + 2 + len(BINS) + 1
+    assert len(set(ids)) == len(ids) == (13 if photos else 9) + 5 + 2 + len(BINS) + 1
     assert all(c["object_id"] == c["unique_id"] for c in out.values())
     for topic, conf in out.items():
         key = topic.split("/")[-2]
@@ -610,7 +610,7 @@ def test_discovery_of_the_fill_levels():
         assert out[node.format("sensor", f"fill_{b}")]["value_template"] == \
             f"{{{{ value_json.{b}.pct }}}}"
     ids = [c["unique_id"] for c in out.values()]
-    assert len(set(ids)) == len(ids) == 11 + 12 + 12
+    assert len(set(ids)) == len(ids) == 13 + 12 + 12
 
 
 # ---------------------------------------------------------------------- commands

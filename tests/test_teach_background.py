@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -373,3 +375,159 @@ def test_captured_photos_join_the_reviewed_ones_in_cmd_teach(teach_bin):
     assert final["result"]["photos"] == 8 * 3 + 10
     grapes = b.sort([len(OLD)] * 10)
     assert sum(i.compartment == "kitchen" for i in grapes) >= 8
+
+
+# ---------------------------------------------------------------------- after a restart
+
+
+def clear_retained_state(port: int) -> None:
+    """The broker forgets the bin's retained state: what is retained next is the next
+    service's."""
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.publish(STATE, b"", qos=1, retain=True).wait_for_publish(5)
+    client.loop_stop()
+    client.disconnect()
+
+
+def state_teach(listener: Listener, phases: set[str], timeout: float = 120.0) -> dict:
+    def teach(li: Listener) -> dict:
+        payload = li.retained.get(STATE) or b"{}"
+        return json.loads(payload).get("teach") or {}
+
+    assert listener.wait_for(lambda li: teach(li).get("phase") in phases, timeout=timeout), \
+        listener.retained.get(STATE)
+    return teach(listener)
+
+
+def test_the_last_teach_is_shown_again_after_a_restart(broker, demo, tmp_path):
+    """Accepted and installed: after the service restarts, the retained state.teach says
+    so again, field by field, and `smartbin monitor` shows the version."""
+    from bin_controller.teach_record import iso_time
+    from tests.test_cli import smartbin
+
+    state = tmp_path / "state"
+    b = TeachBin(broker.port, demo, state)
+    try:
+        reviewed_site(b)
+        assert b.cmd("teach", {})["ok"]
+        final = b.wait_teach({"done", "rejected", "failed"})
+    finally:
+        b.close()
+    assert final["phase"] == "done", final
+    assert final["finished_at"] == iso_time(final["finished"])
+    version = final["result"]["version"]
+
+    clear_retained_state(broker.port)
+    again = TeachBin(broker.port, demo, state)
+    try:
+        assert state_teach(again.states, {"done"}) == final
+        assert again.cmd("teach_cancel", {})["error"] == "no teach is running"
+        shown = smartbin("monitor", "--host", f"127.0.0.1:{broker.port}", "--bin-id", "t1",
+                         "--seconds", "3")
+        assert shown.returncode == 0, shown.stderr
+        clock = time.strftime("%H:%M:%S", time.localtime(final["finished"]))
+        assert f"  t1               done {clock}: installed demo {version}" in \
+            shown.stdout.splitlines(), shown.stdout
+    finally:
+        again.close()
+
+
+def seed_captures(state: Path, per_kind: int = 5) -> int:
+    """Captured photos of every known kind and of grapes, as cmd/capture keeps them: a
+    teach has something to learn from without a reviewer."""
+    from bin_controller.captures import save_shot
+
+    rng = np.random.default_rng(3)
+    n = 0
+    for kind in (*OLD, GRAPES):
+        folder = state / "captures" / kind.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_kind):
+            save_shot(folder, items.render(kind, rng), i + 1, "20261128T120000")
+            n += 1
+    return n
+
+
+def processes_with(marker: str) -> list[int]:
+    """Our processes whose command line names `marker` (the test's own state folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_teach_the_service_was_killed_during_is_failed_after_a_restart(broker, tmp_path):
+    """SIGKILL of the whole service (a power cut) while its teach runs: the restarted
+    service publishes that teach as failed, saying why, never as still running."""
+    from tests.conftest import REPO
+    from tests.test_mqtt_photos import Requester
+
+    state = tmp_path / "state"
+    seed_captures(state)
+
+    def simulate(*args: str) -> list[str]:
+        return [sys.executable, "-m", "bin_controller", "simulate", "--fast", "--quiet",
+                "--state-dir", str(state), "--mqtt", f"127.0.0.1:{broker.port}",
+                "--bin-id", "t1", *args]
+
+    states = Listener(broker.port, topic=STATE, client_id="killed-states")
+    proc = subprocess.Popen(simulate("--items", "400", "--pace", "0.25"), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    requester = None
+    try:
+        assert states.wait_for(lambda li: STATE in li.retained, timeout=120), "never started"
+        requester = Requester(broker.port)
+        for _ in range(60):  # the service subscribes to its commands just after connecting
+            requester.send("teach", b"{}")
+            reply = requester.reply("teach", 1, timeout=2)
+            if reply is not None:
+                break
+        assert reply is not None and json.loads(reply)["ok"], reply
+        running = state_teach(states, {"features", "fitting", "checking"}, timeout=120)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        states.close()
+        if requester is not None:
+            requester.close()
+    record = json.loads((state / "teach.json").read_text())
+    assert record["phase"] in ("features", "fitting", "checking"), record
+    assert record["finished"] is None and running["finished"] is None
+
+    clear_retained_state(broker.port)
+    after = Listener(broker.port, topic=STATE, client_id="restarted-states")
+    try:
+        done = subprocess.run(simulate("--items", "2"), cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        teach = state_teach(after, {"done", "rejected", "failed", "cancelled", "features",
+                                    "fitting", "checking", "exporting", "installing"})
+        assert teach["phase"] == "failed", teach
+        assert teach["error"] == (f"the service stopped during the teach (phase "
+                                  f"{record['phase']}); nothing was installed: send teach "
+                                  "again")
+        assert teach["started"] == running["started"] and teach["finished"] >= teach["started"]
+        assert json.loads(after.retained[STATE])["model_version"] == "1.0.0"
+    finally:
+        after.close()
+    assert not (state / "teach").exists() or not any((state / "teach").iterdir())
+    # The killed service's teach child, orphaned, ended too (its progress pipe broke).
+    deadline = time.monotonic() + 30
+    while processes_with(str(state)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = processes_with(str(state))
+    for pid in left:  # not to outlive the test whatever happens
+        os.kill(pid, signal.SIGKILL)
+    assert not left

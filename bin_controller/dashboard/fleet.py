@@ -88,14 +88,16 @@ TEACH_PHASES = ("exporting", "features", "fitting", "checking", "installing", "d
 
 
 def teach_progress(data: JsonValue | None) -> dict[str, Any] | None:
-    """The `teach` of a bin's state (a background teach), or None when it has none."""
+    """The `teach` of a bin's state (a background teach), or None when it has none;
+    `finished` (unix time) once it ended, also the last one kept over a restart."""
     if not isinstance(data, dict):
         return None
     phase = data.get("phase")
     result = obj(data.get("result"))
     return {"phase": phase if isinstance(phase, str) and phase in TEACH_PHASES else None,
             "done": whole(data.get("done")), "total": whole(data.get("total")),
-            "error": text(data.get("error")), "version": text(result.get("version"))}
+            "error": text(data.get("error")), "version": text(result.get("version")),
+            "finished": timestamp(data.get("finished"))}
 
 
 def bin_id_ok(bin_id: str) -> bool:

@@ -91,6 +91,43 @@ CONTAMINATION_TEMPLATE = (
     "{{ (c.total.rate * 100) | round(1) if c and c.total.rate is not none else none }}")
 
 
+# The background teach (`state`'s `teach`, null before the first one): its phase, and the
+# progress of the running phase in percent. A phase that is not a teach's, or no teach yet,
+# is Home Assistant's unknown ("None"), which an enum sensor allows.
+TEACH_PHASES = ("exporting", "features", "fitting", "checking", "installing", "done",
+                "rejected", "failed", "cancelled")
+TEACH_TEMPLATE = (
+    "{% set t = value_json.teach | default(none) %}"
+    "{{ t.phase if t and t.phase in " + repr(list(TEACH_PHASES)) + " else none }}")
+# What the owner asks of the last teach, small (the evaluation stays in `state`).
+TEACH_ATTRIBUTES_TEMPLATE = (
+    "{% set t = value_json.teach | default(none) or {} %}"
+    "{% set r = t.result | default(none) or {} %}"
+    "{{ {'done': t.done | default(none), 'total': t.total | default(none), "
+    "'finished_at': t.finished_at | default(none), 'error': t.error | default(none), "
+    "'model': r.model | default(none), 'version': r.version | default(none)} | tojson }}")
+TEACH_PROGRESS_TEMPLATE = (
+    "{% set t = value_json.teach | default(none) %}"
+    "{{ ((100 * t.done / t.total) | round(0) if t.total else 0) "
+    "if t and t.finished is none else none }}")
+
+
+def teach_sensors(base: str) -> dict[str, JsonObject]:
+    """The background teach's phase (enum, the last outcome's version or error as
+    attributes) and the running phase's progress in percent (unknown when none runs)."""
+    return {
+        "teach": {
+            "name": "Teach", "state_topic": f"{base}/{STATE}",
+            "value_template": TEACH_TEMPLATE, "json_attributes_topic": f"{base}/{STATE}",
+            "json_attributes_template": TEACH_ATTRIBUTES_TEMPLATE, "icon": "mdi:school",
+            "device_class": "enum", "options": list(TEACH_PHASES)},
+        "teach_progress": {
+            "name": "Teach progress", "state_topic": f"{base}/{STATE}",
+            "value_template": TEACH_PROGRESS_TEMPLATE, "unit_of_measurement": "%",
+            "icon": "mdi:progress-clock"},
+    }
+
+
 def sensors(base: str, *, photos: bool = False) -> dict[str, JsonObject]:
     """Sensor key -> its entity config without the shared fields."""
     out: dict[str, JsonObject] = {}
@@ -124,6 +161,8 @@ def sensors(base: str, *, photos: bool = False) -> dict[str, JsonObject]:
             "json_attributes_template": "{{ (value_json.contamination | default({})) "
                                         "| tojson }}",
             "icon": "mdi:delete-alert"}
+        # cmd/teach is there with the photo log (it teaches from the reviewed photos).
+        out.update(teach_sensors(base))
     return out
 
 
@@ -211,7 +250,8 @@ def discovery_payloads(cfg: MqttSection, bin_id: str, base: str, *,
                        photos: bool = False, fill: bool = False) -> dict[str, JsonObject]:
     """Config topic -> config payload, for every entity of the bin, under one device; with
     `photos` (a bin keeping a photo log) also the last item's picture and the
-    contamination; with `fill` (a bin tracking its fill levels) per compartment its level,
+    contamination and the background teach's phase and progress; with `fill` (a bin
+    tracking its fill levels) per compartment its level,
     a problem while full and an "Emptied" button. Always: the state and the last bin as
     enum sensors, the `stats` figures as diagnostic sensors, Pause, Resume and per
     compartment "Sort next to" buttons, and a "Sort next" select. Every config carries

@@ -46,6 +46,9 @@ MAX_TIME = 10**11
 UNKNOWN = "?"
 BAR = 10  # characters of a fill bar
 FILL_STATES = ("ok", "warn", "full")
+TEACH_RUNNING = ("exporting", "features", "fitting", "checking", "installing")
+TEACH_FINISHED = ("done", "rejected", "failed", "cancelled")
+TEACH_ERROR = 100  # characters of a failed teach's error on its line
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class BinView:
     events: deque[Item] = field(default_factory=lambda: deque(maxlen=RECENT_ITEMS))
     stats: JsonObject = field(default_factory=dict)
     fill: dict[str, Level] | None = None  # None: no `fill` seen (no fill tracking)
+    teach: str | None = None  # the `state`'s teach as one line; None: no teach yet
 
 
 # ---------------------------------------------------------------------- field checks
@@ -166,6 +170,44 @@ def fill_line(c: Level) -> str:
     return text
 
 
+def teach_line(value: JsonValue | None) -> str | None:
+    """The `state`'s `teach` in one line: `features 120/260` while it runs; when it ended,
+    the phase, the time and what came of it (the version installed, the numbers that
+    refused it, the error). None when the bin has taught nothing yet."""
+    if not isinstance(value, dict):
+        return None
+    phase = value.get("phase")
+    if phase in TEACH_RUNNING:
+        done, total = count(value.get("done")), count(value.get("total"))
+        return f"{phase} {done}/{total}" if total not in ("0", UNKNOWN) else str(phase)
+    if phase not in TEACH_FINISHED:
+        return UNKNOWN
+    line = f"{phase} {_clock(timestamp(value.get('finished')))}"
+    result = _object(value.get("result"))
+    error = value.get("error")
+    if phase == "done":
+        model, version = result.get("model"), result.get("version")
+        if isinstance(version, str):
+            named = f"{model} {version}" if isinstance(model, str) else version
+            return f"{line}: installed {shown(named)}"
+        return line
+    if phase == "rejected":
+        old = _object(_object(result.get("evaluation")).get("old_labels_top1"))
+        base, new, n = fraction(old.get("base")), fraction(old.get("new")), count(old.get("n"))
+        if base is not None and new is not None:
+            margin = value.get("margin")
+            allowed = f", margin {margin:g} points" if isinstance(margin, int | float) \
+                and not isinstance(margin, bool) and 0 <= margin <= 100 else ""
+            return (f"{line}: old labels {base:.1%} -> {new:.1%} on {n} photos "
+                    f"({(base - new) * 100:.1f} points worse{allowed})")
+    if isinstance(error, str) and error:
+        text = shown(error)
+        if len(text) > TEACH_ERROR:
+            text = text[:TEACH_ERROR - 3] + "..."
+        return f"{line}: {text}"
+    return line
+
+
 def duration(seconds: float) -> str:
     minutes = round(seconds / 60)
     if minutes < 1:
@@ -232,7 +274,8 @@ class Fleet:
             self._update(bin_id, counts={k: count(obj.get(k)) for k in (*BINS, "total")},
                          contamination=None if found is None else contamination_of(found))
         elif kind == STATE:
-            self._update(bin_id, state=shown(obj.get("state")))
+            self._update(bin_id, state=shown(obj.get("state")),
+                         teach=teach_line(obj.get("teach")))
         elif kind == EVENT and obj:
             self._update(bin_id, event=item(obj))
         elif kind == STATS:
@@ -246,7 +289,7 @@ class Fleet:
                 counts: dict[str, str] | None = None, state: str | None = None,
                 event: Item | None = None, stats: JsonObject | None = None,
                 contamination: Contamination | None = None,
-                fill: dict[str, Level] | None = None) -> None:
+                fill: dict[str, Level] | None = None, teach: str | None = None) -> None:
         with self.lock:
             view = self.bins.get(bin_id)
             if view is None:
@@ -260,6 +303,7 @@ class Fleet:
                 view.contamination = contamination  # counts without it: no site log
             if state is not None:
                 view.state = state
+                view.teach = teach  # every state carries the teach (null before one)
             if event is not None and (event.seq is None
                                       or all(e.seq != event.seq for e in view.events)):
                 view.events.append(event)
@@ -277,6 +321,8 @@ class Fleet:
                      if v.contamination is not None}
             levels = {bin_id: dict(v.fill) for bin_id, v in sorted(self.bins.items())
                       if v.fill is not None}
+            teaches = {bin_id: v.teach for bin_id, v in sorted(self.bins.items())
+                       if v.teach is not None}
         if not bins:
             return "waiting for bins..."
         head = f"{'bin':16} {'online':8} {'state':12} " + " ".join(f"{b:>10}" for b in BINS) \
@@ -300,6 +346,11 @@ class Fleet:
             for bin_id, compartments in levels.items():
                 for b, at in compartments.items():
                     lines.append(f"  {shown(bin_id)[:16]:16} {b:10} {fill_line(at)}")
+        if teaches:
+            lines.append("")
+            lines.append("teach")
+            for bin_id, line in teaches.items():
+                lines.append(f"  {shown(bin_id)[:16]:16} {line}")
         lines.append("")
         lines.append("recent items")
         for bin_id, (_, _, _, events) in bins.items():

@@ -62,9 +62,13 @@ function renderView() {
   fact(status, "paused", s.paused === null || s.paused === undefined ? "?" : s.paused ? "yes" : "no", "paused");
   const teach = s.teach;
   if (teach) {
-    const step = teach.total ? ` ${num(teach.done)} / ${num(teach.total)}` : "";
+    // Running: the phase and its steps. Ended (also the last teach, kept over a restart):
+    // the phase, when, and the version installed or why not.
+    const ended = teach.finished !== null && teach.finished !== undefined;
+    const step = !ended && teach.total ? ` ${num(teach.done)} / ${num(teach.total)}` : "";
+    const when = ended ? " " + clock(teach.finished) : "";
     const tail = teach.error || (teach.phase === "done" && teach.version ? "model " + teach.version : "");
-    fact(status, "teach", (teach.phase || "?") + step + (tail ? " · " + tail : ""), "teach");
+    fact(status, "teach", (teach.phase || "?") + step + when + (tail ? " · " + tail : ""), "teach");
   }
   const st = view.stats || {};
   if (st.uptime_s !== undefined) {
