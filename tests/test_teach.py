@@ -27,6 +27,8 @@ from hardware_sim import items
 from hardware_sim.items import ItemKind
 from tests.conftest import REPO, trashnet_sample
 
+DEMO_VERSION = load_bundle("demo").version  # the shipped demo bundle's version
+
 DEMO_LABELS = [k.name for k in items.KINDS]
 
 
@@ -95,9 +97,9 @@ def test_teach_the_demo_new_kinds(tmp_path, base_data, capsys, shots, new_min):
     assert sorted(bundle.label_names[8:]) == sorted(k.name for k in NEW)
     demo = load_bundle("demo")
     prov = bundle.provenance
-    assert prov["parent"] == {"name": "demo", "version": "1.0.0",
+    assert prov["parent"] == {"name": "demo", "version": DEMO_VERSION,
                               "head_sha256": demo.stages[1].sha256}
-    assert bundle.version.startswith("1.0.0+teach.")
+    assert bundle.version.startswith(f"{DEMO_VERSION}+teach.")
     photos = prov["photos"]
     assert len(photos) == 10 * shots
     first = photos[0]
@@ -190,7 +192,7 @@ def test_install_keep_and_rollback(tmp_path, base_data, capsys):
         assert load_bundle("demo", models_dir=models).path.resolve().name == back
     # Before the first taught version: the shipped demo again.
     assert run("models", "rollback", "demo", "--state-dir", state)[0] == 0
-    assert load_bundle("demo", models_dir=models).version == "1.0.0"
+    assert load_bundle("demo", models_dir=models).version == DEMO_VERSION
     code, _, err = run("models", "rollback", "demo", "--state-dir", state, capsys=capsys)
     assert code == 2 and err.count("\n") == 1 and "nothing to roll back" in err
     code, stdout, _ = run("models", "list", "--json", "--state-dir", state, capsys=capsys)
@@ -230,7 +232,7 @@ def test_mqtt_rollback_reloads_the_earlier_version(tmp_path):
     assert asked == [{"bundle": "demo"}]
     assert reply["version"] == load_bundle(tmp_path / "a" / "demo").version
     reply = handlers["rollback"]({})  # to the shipped demo
-    assert reply["to"] is None and reply["version"] == "1.0.0"
+    assert reply["to"] is None and reply["version"] == DEMO_VERSION
     with pytest.raises(CommandError, match="nothing to roll back"):
         handlers["rollback"]({})
     with pytest.raises(CommandError, match="not a bundle name"):

@@ -16,11 +16,14 @@ import json
 import numpy as np
 import pytest
 
+from bin_controller.vision.bundle import load_bundle
 from hardware_sim import items
 from hardware_sim.mechanics import SimItem
 from hardware_sim.unknown_kinds import GRAPES
 from tests.test_mqtt_photos import BASE, wait_counts
 from tests.test_teach_background import OLD, TeachBin
+
+DEMO_VERSION = load_bundle("demo").version  # the shipped demo bundle's version
 
 GRAPE = len(OLD)  # its index in TeachBin.kinds
 GRAPES_NAME = GRAPES.name
@@ -95,7 +98,7 @@ def test_unknown_kind_reviewed_taught_in_the_background_then_sorted(scenario_bin
     assert final["phase"] == "done", final
     assert during >= 2
     state = b.retained_state()
-    assert state["model_version"] == final["result"]["version"] != "1.0.0"
+    assert state["model_version"] == final["result"]["version"] != DEMO_VERSION
 
     # Later grapes go to the kitchen compartment, confidently.
     later = b.sort([GRAPE] * 10)
