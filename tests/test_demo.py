@@ -196,7 +196,11 @@ def test_the_simulated_person_drops_photos_from_a_folder(tmp_path):
     folder.mkdir(parents=True)
     rng = np.random.default_rng(5)
     for i in range(4):
-        Image.fromarray(items.render(battery, rng)).save(folder / f"{i}.png")
+        # Photos of the camera's 304x224 shape, the item in the middle square the model
+        # sees: a square photo would be stretched to the frame, and the demo (trained to
+        # doubt what it does not know) is unsure of a stretched battery.
+        photo = np.pad(items.render(battery, rng, 224), ((0, 0), (40, 40), (0, 0)), "edge")
+        Image.fromarray(photo).save(folder / f"{i}.png")
     proc = subprocess.Popen(
         [sys.executable, "-m", "bin_controller", "run", "--simulate", "--sim-fast",
          "--sim-interval", "0.2", "--state-dir", str(tmp_path / "state"), "--verbose",

@@ -12,9 +12,12 @@ from hypothesis import strategies as st
 
 from bin_controller.bins import BINS
 from bin_controller.config import config_from_dict
+from bin_controller.vision.bundle import load_bundle
 from hardware_sim.simulate import Simulation, sim_config
 from hardware_sim.sources import GeneratedSource
 from tests.broker import Listener, request
+
+DEMO_VERSION = load_bundle("demo").version  # the shipped demo bundle's version
 
 
 def mqtt_cfg(port: int, bin_id: str = "t1", **extra):
@@ -557,7 +560,7 @@ def test_the_first_retained_state_after_a_start_has_every_field(running_bin):
     states = [json.loads(p) for p in listener.payloads("smartbin/t1/state")]
     assert all(set(s) == STATE_FIELDS for s in states), states
     assert states[0] == {"state": "idle", "detail": "", "paused": False, "model": "demo",
-                         "model_version": "1.0.0", "backend": "litert", "faults": {},
+                         "model_version": DEMO_VERSION, "backend": "litert", "faults": {},
                          "last_fault": None, "teach": None}
     listener.close()
 
@@ -579,7 +582,7 @@ def test_the_retained_state_follows_a_model_reload_and_faults(running_bin):
     assert listener.wait_for(lambda li: retained_state(li).get("model") == "demo")
     r = b.cmd("reload_model", '{"bundle": "demo2"}')
     assert r["ok"] and (r["model"], r["version"], r["previous"]) == (
-        "demo2", "2.0.0", "demo 1.0.0"), r
+        "demo2", "2.0.0", f"demo {DEMO_VERSION}"), r
     assert listener.wait_for(lambda li: retained_state(li).get("model") == "demo2"), \
         listener.payloads("smartbin/t1/state")
     state = retained_state(listener)
@@ -592,7 +595,7 @@ def test_the_retained_state_follows_a_model_reload_and_faults(running_bin):
     # And a reload back to the configured bundle says so too.
     assert b.cmd("reload_model", "{}")["ok"]
     assert listener.wait_for(lambda li: retained_state(li).get("model") == "demo")
-    assert retained_state(listener)["model_version"] == "1.0.0"
+    assert retained_state(listener)["model_version"] == DEMO_VERSION
     listener.close()
 
 

@@ -17,10 +17,13 @@ import numpy as np
 import pytest
 
 from bin_controller.model_updates import CURRENT
+from bin_controller.vision.bundle import load_bundle
 from hardware_sim import items
 from hardware_sim.unknown_kinds import GLASS_JAR, GRAPES, MixedSource
 from tests.broker import Listener
 from tests.test_mqtt_photos import BASE, PhotoBin
+
+DEMO_VERSION = load_bundle("demo").version  # the shipped demo bundle's version
 
 STATE = f"{BASE}/state"
 OLD = tuple(items.KINDS)
@@ -125,7 +128,7 @@ def test_cmd_teach_installs_and_reloads_while_the_bin_keeps_sorting(teach_bin):
     b = teach_bin
     reviewed_site(b)
     before = b.retained_state()
-    assert before["model"] == "demo" and before["model_version"] == "1.0.0"
+    assert before["model"] == "demo" and before["model_version"] == DEMO_VERSION
     assert before["teach"] is None
 
     reply = b.cmd("teach", {"id": "t-1"})
@@ -150,8 +153,8 @@ def test_cmd_teach_installs_and_reloads_while_the_bin_keeps_sorting(teach_bin):
     assert [order.index(p) for p in phases] == sorted(order.index(p) for p in phases)
     assert final["finished"] >= final["started"] and final["error"] is None
     result = final["result"]
-    assert result["model"] == "demo" and result["version"].startswith("1.0.0+teach.")
-    assert result["previous"] == "demo 1.0.0" and result["photos"] == 8 * 3 + 2 * 6
+    assert result["model"] == "demo" and result["version"].startswith(f"{DEMO_VERSION}+teach.")
+    assert result["previous"] == f"demo {DEMO_VERSION}" and result["photos"] == 8 * 3 + 2 * 6
 
     after = b.retained_state()
     assert after["model_version"] == result["version"]
@@ -202,7 +205,7 @@ def test_teach_with_nothing_reviewed_fails_in_one_line(teach_bin):
     final = b.wait_teach({"done", "rejected", "failed"})
     assert final["phase"] == "failed"
     assert final["error"].startswith("no reviewed photos") and "\n" not in final["error"]
-    assert b.retained_state()["model_version"] == "1.0.0"
+    assert b.retained_state()["model_version"] == DEMO_VERSION
 
 
 # ---------------------------------------------------------------------- rejected
@@ -226,8 +229,8 @@ def test_a_worse_teach_is_rejected_with_its_numbers_and_changes_nothing(teach_bi
     assert final["result"]["evaluation"]["accepted"] is False
     assert final["error"].startswith("rejected: ") and "\n" not in final["error"]
     assert final["margin"] == 2
-    assert b.retained_state()["model_version"] == "1.0.0"
-    assert b.simulation.loop.classifier.bundle.version == "1.0.0"
+    assert b.retained_state()["model_version"] == DEMO_VERSION
+    assert b.simulation.loop.classifier.bundle.version == DEMO_VERSION
     assert models_snapshot(models) == snapshot
 
 
@@ -255,7 +258,7 @@ def test_a_teach_child_killed_mid_way_leaves_the_model_and_the_models_folder(tea
     assert final["phase"] == "failed", final
     assert final["error"] == ("the teach process was killed (signal 9) before it finished; "
                               "nothing was changed")
-    assert b.retained_state()["model_version"] == "1.0.0"
+    assert b.retained_state()["model_version"] == DEMO_VERSION
     assert models_snapshot(models) == snapshot
     b.sort([0, 1, 2])  # the bin sorts on
     assert len(b.simulation.events) == b.dropped
@@ -271,7 +274,7 @@ def test_teach_cancel_stops_it_and_changes_nothing(teach_bin):
     assert reply["cancelled"] is True
     final = b.wait_teach({"done", "rejected", "failed", "cancelled"})
     assert final["phase"] == "cancelled", final
-    assert b.retained_state()["model_version"] == "1.0.0"
+    assert b.retained_state()["model_version"] == DEMO_VERSION
     deadline = time.monotonic() + 10
     while teach_children() and time.monotonic() < deadline:
         time.sleep(0.05)

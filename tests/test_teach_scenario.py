@@ -1,13 +1,12 @@
 """The teach scenario end to end on the simulated bin: a kind of item the model does not
-know (grapes, which the demo bundle has never seen) arrives and is sorted wrong; a reviewer
-labels ten of them over MQTT; `cmd/teach` runs while the bin keeps sorting, every item
-counted once; afterwards grapes reach the kitchen compartment, and a fixed set of the old
-kinds is sorted as well as before.
+know (grapes, which the demo bundle has never seen) arrives and goes to the fallback bin
+marked uncertain; a reviewer finds them among the uncertain items and labels ten of them
+over MQTT; `cmd/teach` runs while the bin keeps sorting, every item counted once;
+afterwards grapes reach the kitchen compartment, and a fixed set of the old kinds is
+sorted as well as before.
 
-The demo bundle is over-confident on kinds it has never seen: the grapes go to a wrong
-compartment with high confidence (mostly the battery's), not to the fallback bin marked
-uncertain, so the reviewer finds them by their photos (`review_list`), which is what a
-reviewer of a real bin does for confident mistakes too.
+The demo bundle is unsure of kinds it has never seen because it was trained with outlier
+exposure (training.outliers: random shapes and recoloured kinds, never grapes).
 """
 
 from __future__ import annotations
@@ -17,11 +16,14 @@ import json
 import numpy as np
 import pytest
 
+from bin_controller.vision.bundle import load_bundle
 from hardware_sim import items
 from hardware_sim.mechanics import SimItem
 from hardware_sim.unknown_kinds import GRAPES
 from tests.test_mqtt_photos import BASE, wait_counts
 from tests.test_teach_background import OLD, TeachBin
+
+DEMO_VERSION = load_bundle("demo").version  # the shipped demo bundle's version
 
 GRAPE = len(OLD)  # its index in TeachBin.kinds
 GRAPES_NAME = GRAPES.name
@@ -57,18 +59,25 @@ def test_unknown_kind_reviewed_taught_in_the_background_then_sorted(scenario_bin
     fixed = fixed_old_items()
     old_before, places_before = sort_fixed(b, fixed)
 
-    # Grapes arrive: the model does not know them; none is lost, each is counted.
+    # Grapes arrive: the model does not know them, says so, and the bin puts them in its
+    # fallback compartment; none is lost, each is counted.
+    fallback = b.simulation.bin.config.model.fallback_bin
     grapes = b.sort([GRAPE] * 12)
     assert all(i.events and i.compartment for i in grapes)
-    assert sum(i.compartment == "kitchen" for i in grapes) <= 3, \
-        [i.compartment for i in grapes]
-    # The reviewer pages through the newest items, sees grapes in ten of the photos and
-    # labels them (a label the model does not know, so with its bin).
-    listed = b.cmd("review_list", {"limit": 20})
+    unsure = [i for i in grapes if i.events[0].uncertain and i.compartment == fallback]
+    assert len(unsure) >= 11, [(i.compartment, i.events[0].bin_confidence) for i in grapes]
+    assert all(i.events[0].bin_confidence < b.simulation.bin.config.model.confidence_threshold
+               for i in unsure)
+    # The reviewer pages through the uncertain items (the site log marks them so), sees
+    # grapes in their photos and labels ten (a label the model does not know, so with its
+    # bin).
+    listed = b.cmd("review_list", {"uncertain": True, "limit": 20})
     assert listed["ok"], listed
-    grape_seqs = {i.events[0].seq for i in grapes}
+    assert all(item["uncertain"] and item["compartment"] == fallback
+               for item in listed["items"]), listed["items"]
+    grape_seqs = {i.events[0].seq for i in unsure}
     seen = [item["seq"] for item in listed["items"] if item["seq"] in grape_seqs]
-    assert len(seen) == 12 and all(item["photo"] for item in listed["items"])
+    assert len(seen) == len(unsure) and all(item["photo"] for item in listed["items"])
     labelled = b.cmd("label", {"seqs": seen[:10], "label": GRAPES_NAME, "bin": "kitchen"})
     assert labelled["ok"] and labelled["new_label"] is True, labelled
     # ... and confirms a few items of the old kinds the bin got right (the photos that
@@ -89,11 +98,12 @@ def test_unknown_kind_reviewed_taught_in_the_background_then_sorted(scenario_bin
     assert final["phase"] == "done", final
     assert during >= 2
     state = b.retained_state()
-    assert state["model_version"] == final["result"]["version"] != "1.0.0"
+    assert state["model_version"] == final["result"]["version"] != DEMO_VERSION
 
     # Later grapes go to the kitchen compartment, confidently.
     later = b.sort([GRAPE] * 10)
     assert sum(i.compartment == "kitchen" for i in later) >= 8, [i.compartment for i in later]
+    assert sum(i.events[0].uncertain for i in later) <= 2
     assert sum(i.events[0].label == GRAPES_NAME for i in later) >= 8
     # The old kinds as well as before, on the very same photos.
     old_after, places_after = sort_fixed(b, fixed)
@@ -108,6 +118,7 @@ def test_unknown_kind_reviewed_taught_in_the_background_then_sorted(scenario_bin
     counts = wait_counts(b.port, "scenario-counts", total=b.dropped)
     assert sum(counts[k] for k in ("recyclable", "kitchen", "hazardous", "other")) == b.dropped
     print(json.dumps({"old_accuracy_before": old_before, "old_accuracy_after": old_after,
+                      "grapes_uncertain_before": len(unsure),
                       "grapes_to_kitchen_before": sum(i.compartment == "kitchen"
                                                       for i in grapes),
                       "grapes_to_kitchen_after": sum(i.compartment == "kitchen"

@@ -56,13 +56,34 @@ def train_head(
     seed: int = 0,
     x_val: np.ndarray | None = None,
     y_val: np.ndarray | None = None,
+    x_outlier: np.ndarray | None = None,
+    outlier_target: np.ndarray | None = None,
+    outlier_weight: float = 0.5,
     log=None,
 ) -> HeadResult:
     """Adam on softmax cross-entropy, dropout on the features as in the study's head.
 
     Features are standardized for training and the scaling folded back into the first
     layer, so the exported head takes the backbone's raw features.
+
+    Outlier exposure (Hendrycks et al. 2019): with `x_outlier`, features of things that
+    are none of the classes, every batch also takes `batch_size` of them and adds
+    `outlier_weight` times their cross-entropy against the soft `outlier_target` (a
+    probability vector over the classes), so the head learns to be unsure off its classes
+    instead of confidently calling them the nearest one. Without it training is unchanged.
     """
+    if x_outlier is not None:
+        target = (None if outlier_target is None
+                  else np.asarray(outlier_target, dtype=np.float32))
+        if target is None or target.shape != (n_classes,) or np.any(target < 0) \
+                or abs(float(target.sum()) - 1) > 1e-4:
+            raise ValueError(f"outlier_target must be a probability vector of {n_classes} "
+                             "values with x_outlier")
+        if x_outlier.ndim != 2 or x_outlier.shape[1] != x.shape[1] or not len(x_outlier):
+            raise ValueError(f"x_outlier must be [n, {x.shape[1]}] features, got "
+                             f"{list(x_outlier.shape)}")
+        if outlier_weight < 0:
+            raise ValueError(f"outlier_weight must be 0 or more, got {outlier_weight}")
     rng = np.random.default_rng(seed)
     x = x.astype(np.float32)
     mean = x.mean(0)
@@ -72,6 +93,12 @@ def train_head(
     std = np.maximum(spread, 0.1 * float(np.median(spread)) + 1e-6)
     xs = (x - mean) / std
     xv = None if x_val is None else ((x_val.astype(np.float32) - mean) / std)
+    # Outliers are scaled like the known features (the folded head sees both raw) and
+    # drawn from their own generator, so the known samples' order and dropout masks
+    # depend on the seed alone.
+    xo = None if x_outlier is None else ((x_outlier.astype(np.float32) - mean) / std)
+    out_rng = np.random.default_rng([seed, 1])
+    out_order = np.zeros(0, np.int64)
     dims = [x.shape[1], *([hidden] if hidden else []), n_classes]
     layers = []
     for i, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
@@ -86,10 +113,16 @@ def train_head(
     onehot = np.eye(n_classes, dtype=np.float32)
     for epoch in range(epochs):
         order = rng.permutation(len(xs))
-        total = 0.0
+        total = total_out = 0.0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             a = xs[idx]
+            n_known = len(idx)
+            if xo is not None:
+                if len(out_order) < batch_size:  # cycle through the outliers, reshuffled
+                    out_order = np.concatenate([out_order, out_rng.permutation(len(xo))])
+                a = np.concatenate([a, xo[out_order[:batch_size]]])
+                out_order = out_order[batch_size:]
             if dropout > 0:
                 a = a * ((rng.random(a.shape, dtype=np.float32) >= dropout)
                          * np.float32(1 / (1 - dropout)))
@@ -103,9 +136,20 @@ def train_head(
                                  * np.float32(1 / (1 - dropout)))
                 acts.append(z)
             p = softmax(acts[-1])
-            t = onehot[y[idx]]
-            total += float(-np.log(np.clip(p[np.arange(len(idx)), y[idx]], 1e-12, 1)).sum())
-            grad = ((p - t) / len(idx)).astype(np.float32)
+            if xo is None:
+                t = onehot[y[idx]]
+                total += float(-np.log(np.clip(p[np.arange(len(idx)), y[idx]], 1e-12,
+                                               1)).sum())
+                grad = ((p - t) / len(idx)).astype(np.float32)
+            else:
+                pk, po = p[:n_known], p[n_known:]
+                total += float(-np.log(np.clip(pk[np.arange(n_known), y[idx]], 1e-12,
+                                               1)).sum())
+                total_out += float(-(target * np.log(np.clip(po, 1e-12, 1))).sum())
+                # Soft-target cross-entropy has the same gradient form, p - target.
+                grad = np.concatenate([(pk - onehot[y[idx]]) / n_known,
+                                       np.float32(outlier_weight) * (po - target) / len(po)]
+                                      ).astype(np.float32)
             grads = []
             for li in range(len(layers) - 1, -1, -1):
                 layer = layers[li]
@@ -125,6 +169,8 @@ def train_head(
                 p_ -= (lr * mh / (np.sqrt(vh) + eps)).astype(np.float32)
         record = {"epoch": epoch + 1, "loss": total / len(xs),
                   "train_acc": _accuracy(layers, xs, y)}
+        if xo is not None:
+            record["outlier_loss"] = total_out / (batch_size * -(-len(xs) // batch_size))
         if xv is not None and y_val is not None:
             pv = softmax(forward(layers, xv)[-1])
             record["val_loss"] = float(-np.log(np.clip(pv[np.arange(len(y_val)), y_val],
