@@ -522,7 +522,7 @@ def test_a_teach_the_service_was_killed_during_is_failed_after_a_restart(broker,
                                   f"{record['phase']}); nothing was installed: send teach "
                                   "again")
         assert teach["started"] == running["started"] and teach["finished"] >= teach["started"]
-        assert json.loads(after.retained[STATE])["model_version"] == "1.0.0"
+        assert json.loads(after.retained[STATE])["model_version"] == DEMO_VERSION
     finally:
         after.close()
     assert not (state / "teach").exists() or not any((state / "teach").iterdir())

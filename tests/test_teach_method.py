@@ -231,6 +231,26 @@ def test_base_labels_stay_and_new_ones_are_learnt(two_layers: bool, nonnegative:
     assert accuracy(result.layers, x[~is_old], y_test[~is_old]) > 0.9
 
 
+@pytest.mark.parametrize("loudness", [0.05, 20.0])
+def test_new_labels_are_no_louder_than_the_base_they_join(loudness: float) -> None:
+    """A base that stays unsure (small logits, as outlier exposure trains it) gets new labels
+    at its own scale, not the default 10 that would outshout it; a confident one keeps 10."""
+    centres = make_world(5, seed=4)
+    old, y_old = photos(centres[:4], 15, seed=2)
+    top = logistic_regression(old["full"], y_old, 4)[0]
+    base = [Dense(top.weight * loudness, top.bias * loudness)]
+    new, y_new = photos(centres[4:], 3, seed=6)
+    few_old, y_few = photos(centres[:4], 3, seed=7)
+    feats = {v: np.concatenate([few_old[v], new[v]]) for v in new}
+    result = fit_few_shot(feats, np.concatenate([y_few, y_new + 4]), 5, base_head=base)
+    base_top = float(np.median(forward(base, few_old["full"])[-1].max(axis=1)))
+    assert result.settings.scale == pytest.approx(min(10.0, max(1.0, base_top)))
+    if loudness < 1:
+        assert result.settings.scale < 10.0
+    else:
+        assert result.settings.scale == 10.0
+
+
 # --- calibration --------------------------------------------------------------------------
 
 

@@ -504,6 +504,19 @@ def _layers(fit: _Fit, base: _Base | None, temperature: float, width: int,
             Dense(w2.astype(np.float32), b2.astype(np.float32))]
 
 
+def _base_scale(base_logits: np.ndarray, of_base: np.ndarray) -> float:
+    """The highest scale new labels get next to a base head: the median top logit the
+    base gives its labels' photos (all photos when none is of a base label).
+
+    The new labels' logits are cosines times the scale, next to the frozen base logits; a
+    base trained to stay unsure off its kinds (outlier exposure: top logits about 6, not
+    30) is outshouted by new labels at scale 10, and from 3 photos a class they took 5
+    points of its old items. A base with larger logits leaves the scale as it is.
+    """
+    rows = base_logits[of_base] if of_base.any() else base_logits
+    return max(1.0, float(np.median(rows.max(axis=1))))
+
+
 def _folds(labels: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """Fold of each photo, stratified: each class's photos dealt round the folds from a
     random start, so a class of m < k photos lands in m different folds."""
@@ -567,6 +580,8 @@ def _fit_few_shot(features_by_view: Mapping[str, np.ndarray], labels: np.ndarray
         flat = stack.reshape(-1, width)
         base_logits = forward(base.layers, flat)[-1].reshape(n_views, n_photos, -1)
     grid = list(grid) if grid else candidates()
+    cap = math.inf if base_logits is None else _base_scale(base_logits[0], y < n_base)
+    grid = list(dict.fromkeys(TeachSettings(min(s.scale, cap), s.pull) for s in grid))
 
     def problem(photos: np.ndarray) -> _Problem:
         xs = stack[:, photos].reshape(-1, width)
@@ -609,7 +624,7 @@ def _fit_few_shot(features_by_view: Mapping[str, np.ndarray], labels: np.ndarray
     if not scored.any():
         if k >= 2:
             scheme = "none: no photo could be held out, default settings"
-        chosen = TeachSettings(DEFAULT_SCALE, DEFAULT_PULL)
+        chosen = TeachSettings(min(DEFAULT_SCALE, cap), DEFAULT_PULL)
         temperature, cv_top1, cv_ece, calibrated = 1.0, None, None, False
     else:
         ys = y[scored]
