@@ -28,6 +28,10 @@ EVENT = "event"
 LAST = "last"
 STATE = "state"
 STATS = "stats"
+# The background teach's phases (`state`'s `teach.phase`): while it runs, then how it ended.
+TEACH_RUNNING = ("exporting", "features", "fitting", "checking", "installing")
+TEACH_FINISHED = ("done", "rejected", "failed", "cancelled")
+TEACH_PHASES = TEACH_RUNNING + TEACH_FINISHED
 FAULT = "fault"
 COMMAND = "cmd"
 REPLY = "reply"

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from bin_controller.model_updates import TMP_PREFIX, write_atomic
+from bin_controller.payloads import TEACH_FINISHED, TEACH_RUNNING
 
 log = logging.getLogger(__name__)
 
 RECORD = "teach.json"
-RUNNING = ("exporting", "features", "fitting", "checking", "installing")
-FINISHED = ("done", "rejected", "failed", "cancelled")
+RUNNING = TEACH_RUNNING
+FINISHED = TEACH_FINISHED
 
 
 def iso_time(t: float) -> str:

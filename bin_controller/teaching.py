@@ -45,13 +45,13 @@ from typing import Any
 from bin_controller import teach_record
 from bin_controller.captures import CAPTURES, add_captures
 from bin_controller.errors import BusyError, CommandError, SmartbinError
+from bin_controller.payloads import TEACH_FINISHED, TEACH_PHASES
 
 log = logging.getLogger(__name__)
 
 SCRATCH = "teach"  # under the state folder: the running teach's export and bundle
-PHASES = ("exporting", "features", "fitting", "checking", "installing", "done", "rejected",
-          "failed", "cancelled")
-FINISHED = frozenset(teach_record.FINISHED)
+PHASES = TEACH_PHASES
+FINISHED = frozenset(TEACH_FINISHED)
 # A dashboard redraws on every retained state: at most this often while a phase moves
 # (a change of phase is published at once).
 MIN_INTERVAL_S = 0.5

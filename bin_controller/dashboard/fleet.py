@@ -30,6 +30,7 @@ from bin_controller.payloads import (
     ONLINE,
     STATE,
     STATS,
+    TEACH_PHASES,
     JsonObject,
     JsonValue,
     parse_json,
@@ -83,8 +84,6 @@ def obj(value: JsonValue | None) -> JsonObject:
     return value if isinstance(value, dict) else {}
 
 
-TEACH_PHASES = ("exporting", "features", "fitting", "checking", "installing", "done",
-                 "rejected", "failed", "cancelled")
 
 
 def teach_progress(data: JsonValue | None) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ from bin_controller.payloads import (
     ONLINE,
     STATE,
     STATS,
+    TEACH_PHASES,
     JsonObject,
     command_topic,
     counts_topic,
@@ -94,8 +95,6 @@ CONTAMINATION_TEMPLATE = (
 # The background teach (`state`'s `teach`, null before the first one): its phase, and the
 # progress of the running phase in percent. A phase that is not a teach's, or no teach yet,
 # is Home Assistant's unknown ("None"), which an enum sensor allows.
-TEACH_PHASES = ("exporting", "features", "fitting", "checking", "installing", "done",
-                "rejected", "failed", "cancelled")
 TEACH_TEMPLATE = (
     "{% set t = value_json.teach | default(none) %}"
     "{{ t.phase if t and t.phase in " + repr(list(TEACH_PHASES)) + " else none }}")

@@ -30,6 +30,8 @@ from bin_controller.payloads import (
     FILL,
     STATE,
     STATS,
+    TEACH_FINISHED,
+    TEACH_RUNNING,
     JsonObject,
     JsonValue,
     parse_json,
@@ -46,8 +48,6 @@ MAX_TIME = 10**11
 UNKNOWN = "?"
 BAR = 10  # characters of a fill bar
 FILL_STATES = ("ok", "warn", "full")
-TEACH_RUNNING = ("exporting", "features", "fitting", "checking", "installing")
-TEACH_FINISHED = ("done", "rejected", "failed", "cancelled")
 TEACH_ERROR = 100  # characters of a failed teach's error on its line
 
 
