@@ -21,7 +21,7 @@ import numpy as np
 
 from bin_controller.config import ModelSection
 from bin_controller.vision.bundle import REPO_MODELS, write_manifest
-from bin_controller.vision.classifier import Classifier
+from bin_controller.vision.classifier import Classifier, Prediction
 from bin_controller.vision.fetch import sha256_bytes
 from hardware_sim import items
 from hardware_sim.unknown_kinds import UNKNOWN_KINDS
@@ -40,12 +40,10 @@ DROPOUT, EPOCHS = 0.0, 80
 N_UNKNOWN = 200  # photos of each never-taught kind the metrics are measured on
 
 
-def below_threshold(classifier: Classifier, images: list[np.ndarray],
-                    threshold: float) -> float:
-    """The share of `images` whose bin probability is under `threshold`: the ones the bin
-    sends to its fallback compartment marked uncertain."""
-    return float(np.mean([classifier.classify_array(im).bin_confidence < threshold
-                          for im in images]))
+def below_threshold(predictions: list[Prediction], threshold: float) -> float:
+    """The share of predictions whose bin probability is under `threshold`: the items the
+    bin sends to its fallback compartment marked uncertain."""
+    return float(np.mean([p.bin_confidence < threshold for p in predictions]))
 
 
 def measure(bundle_dir: Path, *, seed: int, val: tuple[list[np.ndarray], list[int]],
@@ -54,17 +52,17 @@ def measure(bundle_dir: Path, *, seed: int, val: tuple[list[np.ndarray], list[in
     classifier = Classifier(bundle_dir)
     threshold = ModelSection().confidence_threshold
     images, labels = val
-    top1 = float(np.mean([classifier.classify_array(im).index == y
-                          for im, y in zip(images, labels, strict=True)]))
+    known = [classifier.classify_array(im) for im in images]
+    top1 = float(np.mean([p.index == y for p, y in zip(known, labels, strict=True)]))
     rng = np.random.default_rng([seed, 3])
     unknown = {kind.name_en: round(below_threshold(
-        classifier, [items.render(kind, rng) for _ in range(N_UNKNOWN)], threshold), 4)
-        for kind in UNKNOWN_KINDS}
+        [classifier.classify_array(items.render(kind, rng)) for _ in range(N_UNKNOWN)],
+        threshold), 4) for kind in UNKNOWN_KINDS}
+    outlying = [classifier.classify_array(im) for im in held_out_outliers]
     return {"val_top1": round(top1, 4),
-            "val_uncertain": round(below_threshold(classifier, images, threshold), 4),
+            "val_uncertain": round(below_threshold(known, threshold), 4),
             "threshold": threshold,
-            "outliers_uncertain": round(below_threshold(classifier, held_out_outliers,
-                                                        threshold), 4),
+            "outliers_uncertain": round(below_threshold(outlying, threshold), 4),
             "unknown_kinds_uncertain": unknown}
 
 
